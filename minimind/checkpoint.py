@@ -1,0 +1,162 @@
+"""Model directories (the transformers layout: config.json, model.safetensors, tokenizer files) and atomic
+file writes. `save_model(model, "out/", tokenizer)`; `model = load_model("out/")`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from minimind import MiniMindError
+from minimind.config import ModelConfig
+from minimind.model import MiniMindForCausalLM
+
+WEIGHTS = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds, so a crash
+    never leaves a half-written file (or directory) where the last good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer: Any = None,
+               dtype: str | None = None, generation: dict[str, Any] | None = None) -> Path:
+    """Write a model directory that transformers and our loader both read. The directory appears whole
+    or not at all. `dtype` converts the weights on the way out (default: as they are)."""
+    cfg = model.config
+    state = model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers re-ties it; safetensors refuses shared tensors
+    if dtype is None:
+        dtype = next(k for k, v in DTYPES.items() if v == model.model.embed_tokens.weight.dtype)
+    state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+           "do_sample": True, "temperature": 0.85, "top_p": 0.85, "top_k": 50, "max_new_tokens": 512}
+    gen.update(generation or {})
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        cfg.save(tmp, dtype=dtype)
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of a model directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    directory = Path(directory)
+    single, index = directory / WEIGHTS, directory / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(single)
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(load_file(directory / shard))
+            return state
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise MiniMindError(f"{single if single.is_file() else index}: cannot read weights ({e})") from None
+    legacy = directory / "pytorch_model.bin"
+    if legacy.is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise MiniMindError(f"{directory}: no weights found (expected {WEIGHTS})")
+
+
+def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Accept the spellings others write: fused MoE experts (transformers 5 in memory), a `module.` or
+    `_orig_mod.` prefix (DDP, torch.compile), a missing `model.` prefix, and an explicit tied lm_head."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        if not key.startswith(("model.", "lm_head.")):
+            key = "model." + key
+        out[key] = value
+    for layer in range(cfg.num_hidden_layers):
+        base = f"model.layers.{layer}.mlp.experts."
+        fused = out.pop(base + "gate_up_proj", None)
+        down = out.pop(base + "down_proj", None)
+        if fused is not None and down is not None:
+            for e in range(fused.shape[0]):
+                gate, up = fused[e].chunk(2, dim=0)
+                out[f"{base}{e}.gate_proj.weight"] = gate
+                out[f"{base}{e}.up_proj.weight"] = up
+                out[f"{base}{e}.down_proj.weight"] = down[e]
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def load_weights(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load with every key and shape checked, naming what does not fit instead of a torch traceback."""
+    state = to_our_names(state, model.config)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        problems.append(f"shape mismatch: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
+    if problems:
+        raise MiniMindError(f"{source}: weights do not match config.json: " + "; ".join(problems))
+    model.load_state_dict(state, strict=False)
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = torch.float32) -> MiniMindForCausalLM:
+    """Read a model directory written by us or by transformers. dtype=None keeps the stored dtype."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MiniMindError(f"{directory}: model directory not found")
+    cfg = ModelConfig.load(directory)
+    state = read_state_dict(directory)
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    model.model.rotary.reset()  # the RoPE table is computed, not stored: rebuild it off the meta device
+    load_weights(model, state, str(directory / WEIGHTS))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device).eval()

@@ -1,0 +1,251 @@
+"""Text generation: THE sampler (temperature, top-k, top-p, min-p, repetition penalty, seed), KV-cache
+decoding of a batch of left-padded prompts, stop tokens and stop strings, and streaming text.
+
+`generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=64))` -> list of Completion;
+`for piece in stream(model, tokenizer, ids, params): print(piece, end="")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from minimind.model import MiniMindForCausalLM
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.85  # 0 means greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off; keep tokens with prob >= min_p * the top token's prob
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt and output; 1: off
+    stop: Sequence[str] = ()  # stop strings; the text is cut before them
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0:
+            raise ValueError("max_new_tokens, temperature and top_k must be >= 0")
+        if not 0 < self.top_p <= 1 or not 0 <= self.min_p <= 1 or self.repetition_penalty <= 0:
+            raise ValueError("top_p must be in (0, 1], min_p in [0, 1], repetition_penalty > 0")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (eos or a stop string) or "length"
+    prompt_tokens: int = 0
+
+
+class Sampler:
+    """Picks the next token for each row, each row with its own settings (a batch may mix requests)."""
+
+    def __init__(self, params: list[SamplingParams], vocab_size: int, device: torch.device) -> None:
+        self.params = params
+        col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
+            [getattr(p, name) for p in params], dtype=dtype, device=device)[:, None]
+        self.temperature, self.top_p, self.min_p = col("temperature"), col("top_p"), col("min_p")
+        self.top_k, self.penalty = col("top_k", torch.long), col("repetition_penalty")
+        self.greedy = self.temperature.squeeze(1) == 0
+        self.any_top_k = bool((self.top_k > 0).any())
+        self.any_top_p = bool((self.top_p < 1).any())
+        self.any_min_p = bool((self.min_p > 0).any())
+        self.any_penalty = bool((self.penalty != 1).any())
+        self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
+        self.generators = []
+        for p in params:
+            g = torch.Generator(device=device)
+            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ()).item()))
+            self.generators.append(g)
+
+    def observe(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Record tokens [B, T] for the repetition penalty (mask marks real tokens, not padding)."""
+        if not self.any_penalty:
+            return
+        counts = torch.zeros(self.seen.shape, dtype=torch.long, device=ids.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids) if mask is None else mask.long())
+        self.seen |= counts > 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.any_penalty:
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(self.seen, penalised, logits)
+        best = logits.argmax(-1)
+        if bool(self.greedy.all()):
+            return best
+        logits = logits / self.temperature.clamp(min=1e-6)
+        if self.any_top_k:
+            k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
+            kth = logits.sort(-1, descending=True).values.gather(-1, k - 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if self.any_top_p:
+            sorted_p, order = probs.sort(-1, descending=True)
+            # Drop a token when the tokens before it already reach top_p; the top token always stays.
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p
+            probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        if self.any_min_p:
+            probs = probs.masked_fill(probs < self.min_p * probs.max(-1, keepdim=True).values, 0.0)
+        picked = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
+                              for i, g in enumerate(self.generators)])
+        return torch.where(self.greedy, best, picked)
+
+
+class Detokenizer:
+    """Turns a growing list of ids into text pieces, never emitting half of a multi-byte character and
+    holding back text that may be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.ids: list[int] = []
+        self.prefix, self.read = 0, 0  # decode from `prefix` so merges across pieces come out right
+        self.text = ""  # all text decoded so far
+        self.sent = 0  # how much of `text` has been handed out
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
+        return self._release(final=False)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        for s in self.stop:
+            at = self.text.find(s, max(0, self.sent - len(s) + 1))
+            if at != -1 and at < end:
+                end, self.stopped = at, True
+        if not self.stopped and not final:
+            # Keep back the longest tail that could still grow into a stop string.
+            for s in self.stop:
+                for n in range(min(len(s) - 1, end - self.sent), 0, -1):
+                    if s.startswith(self.text[end - n:end]):
+                        end -= n
+                        break
+        piece = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        if self.stopped:
+            self.text = self.text[:self.sent]
+        return piece
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._release(final=True)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
+           stop_ids: set[int], use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """The decoding loop: yields one new token per row per step ([B] tensor), finished rows included
+    (the caller decides when a row is done and stops iterating when all are). With use_cache=False every
+    step recomputes the whole sequence, which tests use as the reference."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.model.embed_tokens.weight.device
+    cfg = model.config
+    ids, mask = left_pad(prompts, cfg.pad_token_id, device)
+    steps = max(p.max_new_tokens for p in params)
+    limit = cfg.max_position_embeddings
+    if ids.shape[1] + steps > limit:
+        raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({steps}) exceeds the model's "
+                         f"context of {limit} tokens")
+    sampler = Sampler(params, cfg.vocab_size, device)
+    sampler.observe(ids, mask)
+    cache = model.new_cache(len(prompts), ids.shape[1] + steps) if use_cache else None
+    out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+    for _ in range(steps):
+        token = sampler(out.logits[:, -1])
+        yield token
+        sampler.observe(token[:, None])
+        if cache is not None:
+            out = model(token[:, None], cache=cache, logits_to_keep=1)
+        else:
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
+            out = model(ids, attention_mask=mask, logits_to_keep=1)
+
+
+def stop_token_ids(model: MiniMindForCausalLM, tokenizer) -> set[int]:
+    ids = {model.config.eos_token_id}
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
+                  params: SamplingParams | list[SamplingParams], results: list[Completion],
+                  use_cache: bool = True) -> Iterator[tuple[int, str]]:
+    """Batched generation as a stream of (row, text piece) events; `results` (one Completion per prompt)
+    is filled in as it goes: token ids, text and finish_reason."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    if len(params) != len(prompts) or len(results) != len(prompts):
+        raise ValueError("give one SamplingParams (or one for all) and one Completion per prompt")
+    stops = stop_token_ids(model, tokenizer)
+    detok = [Detokenizer(tokenizer, p.stop) if tokenizer is not None else None for p in params]
+    active = [p.max_new_tokens > 0 for p in params]
+    for r, p, a in zip(results, prompts, active):
+        r.prompt_tokens = len(p)
+        r.finish_reason = None if a else "length"
+    if not any(active):
+        return
+    for step, tokens in enumerate(decode(model, prompts, params, stops, use_cache)):
+        for i, t in enumerate(tokens.tolist()):
+            if not active[i]:
+                continue
+            r = results[i]
+            if t in stops:
+                r.finish_reason, active[i] = "stop", False
+            else:
+                r.token_ids.append(t)
+                if detok[i] is not None:
+                    piece = detok[i].add(t)
+                    if piece:
+                        r.text += piece
+                        yield i, piece
+                    if detok[i].stopped:
+                        r.finish_reason, active[i] = "stop", False
+            if active[i] and step + 1 >= params[i].max_new_tokens:
+                r.finish_reason, active[i] = "length", False
+            if not active[i] and detok[i] is not None:
+                piece = detok[i].flush()
+                if piece:
+                    r.text += piece
+                    yield i, piece
+        if not any(active):
+            return
+
+
+def generate(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
+             params: SamplingParams | list[SamplingParams] | None = None, use_cache: bool = True,
+             ) -> list[Completion]:
+    """Generate for a batch of prompts (lists of token ids); returns one Completion per prompt."""
+    results = [Completion() for _ in prompts]
+    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache):
+        pass
+    return results
+
+
+def stream(model: MiniMindForCausalLM, tokenizer, prompt: list[int], params: SamplingParams,
+           result: Completion | None = None) -> Iterator[str]:
+    """Stream text pieces for one prompt; pass `result` to receive token ids and finish_reason."""
+    for _, piece in generate_iter(model, tokenizer, [prompt], params, [result or Completion()]):
+        yield piece

@@ -1,0 +1,334 @@
+"""The MiniMind decoder: pre-norm, RMSNorm, RoPE (+YaRN), grouped-query attention with optional q/k-norm,
+SwiGLU or mixture-of-experts feed-forward, and a KV cache. `MiniMindForCausalLM(ModelConfig.preset("tiny"))`.
+
+Parameter names are transformers' (Qwen3 / Qwen3-MoE / Llama), so a state dict moves between the two as is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimind.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares loses too much in 8 mantissa bits.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---- rotary position embedding -------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies per rotary pair, and the factor cos/sin are scaled by (1.0 without YaRN)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_scaling != "yarn":
+        return inv_freq, 1.0
+    factor, orig = cfg.yarn_factor, cfg.yarn_original_max_position_embeddings
+
+    # YaRN: pairs that rotate many times within the original context keep their frequency (extrapolate);
+    # slow pairs are divided by `factor` (interpolate); a linear ramp blends the band in between.
+    def pair_index(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(pair_index(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(pair_index(cfg.yarn_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    scale = cfg.yarn_attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, float(scale)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.reset()
+
+    def reset(self) -> None:
+        inv_freq, self.scale = rope_inv_freq(self.cfg)
+        self.inv_freq = inv_freq.to(self.inv_freq.device) if self.inv_freq.device.type != "meta" else inv_freq
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed from the positions each call (cheap) so any per-row offset, e.g. left padding, just works.
+        freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # Cast to the activation dtype: fp32 cos/sin would promote bf16 activations and slow training.
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, H, T, D] with cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+# ---- KV cache --------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once for `max_len` positions and filled in place.
+
+    It also remembers which cached positions are padding and each row's next RoPE position, so a batch of
+    left-padded prompts decodes exactly like each prompt alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_len = max_len
+        self.has_padding = False
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (drop finished sequences)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
+
+# ---- blocks -------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
+        )
+        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(B, T, -1)))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Softmax router over `num_experts` SwiGLU experts; each token goes to its top-k, weights renormalised."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.num_experts
+        self.norm_topk_prob, self.aux_coef = cfg.norm_topk_prob, cfg.router_aux_loss_coef
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        # Group tokens by expert: one matmul per expert instead of one per token.
+        counts = torch.bincount(chosen.flatten(), minlength=self.n_experts).tolist()
+        order = chosen.flatten().argsort(stable=True)
+        token_of = order // self.top_k
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            idx = order[start:start + n]
+            tokens = token_of[start:start + n]
+            start += n
+            y = self.experts[e](x[tokens]) * weights.flatten()[idx, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        # Switch-style load balancing: coef * E * sum_e(fraction of assignments to e * mean router prob of e).
+        load = torch.tensor(counts, dtype=torch.float32, device=x.device) / max(chosen.numel(), 1)
+        aux = self.aux_coef * self.n_experts * (load * probs.mean(0)).sum()
+        return out.view(shape), aux
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.use_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache)
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):
+            h, aux = h
+            return x + h, aux
+        return x + h, None
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # next-token cross-entropy, without the aux loss
+    aux_loss: torch.Tensor | None = None  # MoE load balancing, summed over layers (None for dense models)
+
+
+class MiniMindForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors are counted once
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.model.embed_tokens.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        return KVCache(self.config, batch, max_len, p.device, dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) covers these T tokens only: the
+        cache remembers earlier ones. labels [B, T] are the targets unshifted (-100 = no loss), as in
+        transformers. logits_to_keep=N returns logits for the last N positions only (0 = all)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {past + T} requested")
+        if position_ids is None:
+            offset = cache.next_pos[:, None] if cache is not None else 0
+            if attention_mask is None:
+                position_ids = offset + torch.arange(T, device=input_ids.device)[None].expand(B, T)
+            else:
+                position_ids = offset + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask, is_causal = self._attention_mask(attention_mask, cache, B, T, input_ids.device)
+
+        x = self.model.dropout(self.model.embed_tokens(input_ids))
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = self.model.rotary(position_ids, dtype)
+        aux_total = None
+        for block in self.model.layers:
+            x, aux = block(x, cos, sin, mask, is_causal, cache)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None:
+            cache.length += T
+            cache.next_pos += T if attention_mask is None else attention_mask.long().sum(-1)
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_total)
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int,
+                        device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """Pick SDPA's fastest correct form: is_causal for plain prefill, no mask for unpadded decoding,
+        and an explicit boolean mask [B, 1, T, past+T] only when there is padding or a chunked prefill."""
+        past = cache.length if cache is not None else 0
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is not None:
+            if attention_mask is not None:
+                cache.valid[:, past:past + T] = attention_mask.bool()
+            cache.has_padding = cache.has_padding or padded
+            padded = cache.has_padding
+        if not padded:
+            if past == 0:
+                return None, T > 1
+            if T == 1:
+                return None, False
+        S = past + T
+        keys = torch.arange(S, device=device)
+        queries = torch.arange(past, S, device=device)
+        allowed = keys[None, :] <= queries[:, None]  # causal [T, S]
+        if cache is not None:
+            valid = cache.valid[:, :S]
+        elif attention_mask is not None:
+            valid = attention_mask.bool()
+        else:
+            valid = torch.ones(B, S, dtype=torch.bool, device=device)
+        mask = allowed[None] & valid[:, None, :]
+        # A padding query would see no key at all (its softmax is NaN); let it see itself instead.
+        mask |= keys[None, None, :] == queries[None, :, None]
+        return mask[:, None], False

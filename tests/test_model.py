@@ -1,0 +1,192 @@
+"""The model against transformers' own classes: same weights, same logits, same greedy tokens."""
+
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, small_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from minimind import MiniMindError
+from minimind.checkpoint import load_model, save_model
+from minimind.config import PRESETS, ModelConfig
+from minimind.generation import SamplingParams, generate
+from minimind.model import MiniMindForCausalLM
+
+EXPECTED = {
+    "minimind-3": (63_912_192, 63_912_192),
+    "minimind-3-moe": (198_416_640, 63_936_768),
+    "minimind2-small": (25_829_888, 25_829_888),
+    "minimind2": (104_030_976, 104_030_976),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_counts(name):
+    cfg = ModelConfig.preset(name)
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(cfg)
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == cfg.num_parameters()
+    if name in EXPECTED:
+        assert (cfg.num_parameters(), cfg.num_parameters(active=True)) == EXPECTED[name]
+    else:
+        assert 1_000_000 < counted < 10_000_000  # tiny: a few million
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(MiniMindError, match="unknown preset 'minimind-4'.*minimind-3"):
+        ModelConfig.preset("minimind-4")
+
+
+def padded_batch(vocab: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as batched generation uses
+    mask[2, :9] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def hf_position_ids(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def test_logits_match_transformers(family, tmp_path):
+    ours = small_model(family)
+    save_model(ours, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == family
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                                     "llama": "LlamaForCausalLM"}[family]
+    ids, mask = padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = theirs(ids, attention_mask=mask, position_ids=hf_position_ids(mask)).logits
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches_transformers(family, tmp_path):
+    ours = small_model(family, seed=3)
+    save_model(ours, tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = [[5, 17, 33, 9, 100, 42, 7], [11, 12], [250, 3, 99, 4]]
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    # No eos: both sides must produce exactly 20 tokens, so make eos unreachable on both.
+    ours.config.eos_token_id = theirs.generation_config.eos_token_id = ours.config.vocab_size + 1
+    got = [c.token_ids for c in generate(ours, None, prompts, params)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=ours.config.vocab_size + 1)[:, width:]
+    assert got == ref.tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_loads_directory_written_by_transformers(family, tmp_path):
+    ours = small_model(family, seed=5)
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in ours.config.to_hf_dict().items() if k != "minimind"})
+    torch.manual_seed(7)
+    theirs = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    with torch.no_grad():  # give norms non-trivial weights
+        for name, p in theirs.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    theirs.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    ids, mask = padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        a = loaded(ids, attention_mask=mask).logits
+        b = theirs(ids, attention_mask=mask, position_ids=hf_position_ids(mask)).logits
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() <= 1e-4
+
+
+def test_yarn_matches_transformers(tmp_path):
+    ours = small_model("qwen3", rope_scaling="yarn", yarn_factor=4.0, yarn_original_max_position_embeddings=64,
+                       yarn_attention_factor=None)
+    save_model(ours, tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 320, (2, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    assert ModelConfig.load(tmp_path).rope_scaling == "yarn"
+
+
+def test_moe_aux_loss_and_training_loss():
+    model = small_model("qwen3_moe").train()
+    ids = torch.randint(3, 320, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss.item() > 0
+    # Perfectly balanced routing gives coef * E * sum(1/E * 1/E) * E = coef per layer; real routing is >= that
+    # only in expectation, so just check the scale.
+    assert out.aux_loss.item() < 10 * model.config.router_aux_loss_coef * model.config.num_hidden_layers
+    manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, manual)
+    (out.loss + out.aux_loss).backward()
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_logits_to_keep_and_tied_embeddings():
+    model = small_model("qwen3")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(3, 320, (2, 10))
+    with torch.no_grad():
+        full, last = model(ids).logits, model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, 320)
+    assert torch.allclose(full[:, -1:], last, atol=1e-6)
+
+
+def test_bf16_save_and_load_round_trip(tmp_path):
+    model = small_model("qwen3")
+    save_model(model, tmp_path, dtype="bfloat16")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = load_model(tmp_path, dtype=None)
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight.bfloat16())
+
+
+def test_bad_model_directories_give_one_line_errors(tmp_path):
+    with pytest.raises(MiniMindError, match="model directory not found"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MiniMindError, match=r"config.json: not found"):
+        load_model(tmp_path / "empty")
+    save_model(small_model("qwen3"), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
+    with pytest.raises(MiniMindError, match=r"config.json.*shape mismatch: model\.embed_tokens\.weight"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(MiniMindError, match=r"missing \(e.g. model.layers.2"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(MiniMindError, match="config.json: invalid JSON"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(MiniMindError, match="model_type 'gpt2' is not supported"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MiniMindError, match="model.safetensors: cannot read weights"):
+        load_model(tmp_path / "m")
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    good = small_model("qwen3")
+    save_model(good, tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("minimind.checkpoint.save_file", boom)
+    with pytest.raises(RuntimeError):
+        save_model(small_model("qwen3", seed=9), tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary debris

@@ -31,3 +31,21 @@ def small_model(family: str, seed: int = 0, **overrides) -> MiniMindForCausalLM:
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+CORPUS = [
+    "The king is dead; long live the king. What light through yonder window breaks?",
+    "To be, or not to be, that is the question. 3 + 4 = 7, and 12 * 3 = 36.",
+    "今天天气很好，我们一起去公园散步吧。这本书写得非常好，推荐给大家。",
+    "新华社北京电，国务院今天举行新闻发布会。",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer (400 tokens) trained on a few generated lines."""
+    from minimind.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    (d / "corpus.txt").write_text("\n".join(CORPUS * 50), encoding="utf-8")
+    return train_tokenizer([d / "corpus.txt"], vocab_size=400, out_dir=d / "out", progress=False)

@@ -1,0 +1,245 @@
+"""The `minimind` command: one entry point for the whole life cycle. `minimind --help`, then
+`minimind <command> --help` for each command's flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from minimind import MiniMindError, __version__
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_for_inference(args: argparse.Namespace):
+    """Model and tokenizer from --model, on --device, in --dtype."""
+    import torch
+
+    from minimind.checkpoint import load_model
+    from minimind.tokenizer import load_tokenizer
+
+    dtypes = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+              "float16": torch.float16}
+    model = load_model(args.model, device=pick_device(args.device), dtype=dtypes[args.dtype])
+    tokenizer = load_tokenizer(args.model)
+    if len(tokenizer) > model.config.vocab_size:
+        raise MiniMindError(f"{args.model}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
+                            f"is {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def sampling_from(args: argparse.Namespace):
+    from minimind.generation import SamplingParams
+
+    try:
+        return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              stop=tuple(args.stop or ()), seed=args.seed)
+    except ValueError as e:
+        raise MiniMindError(str(e)) from None
+
+
+# ---- commands --------------------------------------------------------------------------------------
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from minimind.tokenizer import chars_per_token, train_tokenizer
+
+    for f in args.data:
+        if not Path(f).is_file():
+            raise MiniMindError(f"{f}: file not found")
+    tok = train_tokenizer(args.data, vocab_size=args.vocab_size, out_dir=args.out, progress=not args.quiet)
+    print(f"saved a {len(tok)}-token tokenizer to {args.out}")
+    for lang, text in SAMPLES.items():
+        print(f"  {lang}: {chars_per_token(tok, text):.2f} characters per token")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from minimind.chat import encode_chat
+    from minimind.generation import Completion, stream
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_for_inference(args)
+    if args.raw:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        ids, _ = encode_chat(tokenizer, messages, add_generation_prompt=True, enable_thinking=args.think)
+    if not ids:
+        raise MiniMindError("the prompt is empty")
+    result = Completion()
+    for piece in stream(model, tokenizer, ids, sampling_from(args), result):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from minimind.chat import encode_chat, parse_assistant
+    from minimind.generation import Completion, stream
+
+    model, tokenizer = load_for_inference(args)
+    params = sampling_from(args)
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{Path(args.model).name}: {n_params / 1e6:.1f}M parameters on {pick_device(args.device)}. "
+          "Ctrl-D or /exit quits, /clear forgets the conversation, Ctrl-C stops an answer.")
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/clear":
+            history.clear()
+            print("(conversation cleared)")
+            continue
+        turn = history + [{"role": "user", "content": line}]
+        ids, _ = encode_chat(tokenizer, system + turn, add_generation_prompt=True, enable_thinking=args.think)
+        # Forget the oldest turns rather than overflow the context.
+        while len(ids) + params.max_new_tokens > model.config.max_position_embeddings and len(turn) > 1:
+            turn = turn[2:]
+            ids, _ = encode_chat(tokenizer, system + turn, add_generation_prompt=True, enable_thinking=args.think)
+        result, text, thinking = Completion(), "", args.think
+        if thinking:
+            sys.stdout.write(dim)
+        start = time.perf_counter()
+        try:
+            for piece in stream(model, tokenizer, ids, params, result):
+                text += piece
+                if thinking and "</think>" in piece:
+                    before, after = piece.split("</think>", 1)
+                    sys.stdout.write(before + reset + after.lstrip("\n"))
+                    thinking = False
+                else:
+                    sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(reset + " [stopped]")
+        seconds = time.perf_counter() - start
+        n = len(result.token_ids)
+        sys.stdout.write(f"{reset}\n{dim}[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]{reset}\n")
+        if not args.no_history:
+            reply = parse_assistant(("<think>\n" if args.think else "") + text)
+            history = turn + [{"role": "assistant", **{k: v for k, v in reply.items() if v}}]
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    import torch
+
+    from minimind.checkpoint import save_model
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+    from minimind.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    cfg = ModelConfig.preset(args.preset, vocab_size=len(tokenizer))
+    torch.manual_seed(args.seed)
+    model = MiniMindForCausalLM(cfg)
+    save_model(model, args.out, tokenizer)
+    print(f"saved a randomly initialised {args.preset} model ({cfg.num_parameters():,} parameters) to {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from minimind.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick)
+
+
+SAMPLES = {
+    "English": "The quick brown fox jumps over the lazy dog, and the small model learns to speak a little.",
+    "Chinese": "小模型也能学会说话：从零开始训练一个语言模型，理解每一行代码。",
+}
+
+
+# ---- argument parsing ------------------------------------------------------------------------------
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype for inference (auto: float32)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--think", action="store_true", help="let the model think first (enable_thinking) and show it")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.85, help="nucleus sampling (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (1 = off)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minimind", description="Train, chat with and ship a tiny LLM.")
+    parser.add_argument("--version", action="version", version=f"minimind {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in data")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    p.set_defaults(func=cmd_demo)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    p = tok.add_parser("train", help="train on text files (.txt lines, .jsonl with text or conversations)")
+    p.add_argument("--data", nargs="+", required=True, help="training files")
+    p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
+    p.add_argument("--out", required=True, help="output directory (transformers tokenizer layout)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("init", help="write a randomly initialised model directory from a preset")
+    p.add_argument("--preset", default="tiny", help="minimind-3, minimind-3-moe, minimind2-small, minimind2, tiny")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory to bundle")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("chat", help="chat in the terminal")
+    add_inference_flags(p)
+    p.add_argument("--no-history", action="store_true", help="answer each message on its own")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="one answer to one prompt, printed to stdout")
+    add_inference_flags(p)
+    p.add_argument("--prompt", required=True, help="the prompt text, or - to read stdin")
+    p.add_argument("--raw", action="store_true", help="plain text continuation, no chat template")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MiniMindError as e:
+        print(f"minimind: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0

@@ -1,0 +1,117 @@
+"""The `minimind` command, run as a real subprocess the way a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import CORPUS, small_model
+
+from minimind import cli
+from minimind.checkpoint import save_model
+
+
+def run(*args, stdin=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "minimind", *args], input=stdin, capture_output=True,
+                          text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    save_model(small_model("qwen3", vocab_size=len(tokenizer)), d, tokenizer)
+    return d
+
+
+def test_help_lists_every_command():
+    out = run("--help").stdout
+    for command in ("demo", "tokenizer", "init", "chat", "generate"):
+        assert command in out
+    assert "--top-p" in run("generate", "--help").stdout
+
+
+def test_tokenizer_train_and_init(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in CORPUS * 40))
+    out = run("tokenizer", "train", "--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
+              "--quiet").stdout
+    assert "saved a 400-token tokenizer" in out and "characters per token" in out
+    out = run("init", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "m")).stdout
+    assert "tiny" in out
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["vocab_size"] == 400
+    assert (tmp_path / "m" / "tokenizer_config.json").is_file()
+
+
+def test_generate_prints_only_the_generated_text(model_dir, tokenizer):
+    args = ("generate", "--model", str(model_dir), "--max-new-tokens", "8", "--temperature", "0")
+    a = run(*args, "--prompt", "The king").stdout
+    b = run(*args, "--prompt", "-", stdin="The king").stdout
+    assert a == b and a.endswith("\n") and len(a) > 1
+    raw = run(*args, "--prompt", "The king", "--raw").stdout
+    # Same model, same greedy decoding, in-process: the CLI printed exactly that.
+    from minimind.chat import encode_chat
+    from minimind.checkpoint import load_model
+    from minimind.generation import SamplingParams, generate
+
+    model = load_model(model_dir)
+    ids, _ = encode_chat(tokenizer, [{"role": "user", "content": "The king"}], add_generation_prompt=True)
+    expected = generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=8, temperature=0))[0].text
+    assert a == expected + "\n"
+    plain = tokenizer.encode("The king", add_special_tokens=False)
+    assert raw == generate(model, tokenizer, [plain], SamplingParams(max_new_tokens=8, temperature=0))[0].text + "\n"
+
+
+def test_chat_session_over_stdin(model_dir):
+    proc = run("chat", "--model", str(model_dir), "--max-new-tokens", "6", "--temperature", "0",
+               stdin="hello there\n/clear\nsecond question\n")
+    assert proc.stdout.count("tokens/s]") == 2
+    assert "(conversation cleared)" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_going(model_dir, monkeypatch, capsys):
+    lines = iter(["first", "second"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    calls = {"n": 0}
+    import minimind.generation as gen  # chat imports `stream` when it runs, so patching the module works
+
+    original = gen.stream
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        for i, piece in enumerate(original(*args, **kwargs)):
+            if calls["n"] == 1 and i == 2:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(gen, "stream", interrupted)
+    code = cli.main(["chat", "--model", str(model_dir), "--max-new-tokens", "6", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert code == 0 and calls["n"] == 2
+    assert "[stopped]" in out and out.count("tokens/s]") == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("generate", "--model", "/no/such/dir", "--prompt", "hi"), "/no/such/dir: model directory not found"),
+    (("generate", "--model", "{model}", "--prompt", "hi", "--top-p", "0"), "top_p must be in (0, 1]"),
+    (("init", "--preset", "huge", "--tokenizer", "{model}", "--out", "{tmp}/x"), "unknown preset 'huge'"),
+    (("init", "--tokenizer", "{tmp}", "--out", "{tmp}/x"), "tokenizer.json"),
+    (("tokenizer", "train", "--data", "{tmp}/missing.txt", "--out", "{tmp}/t"), "missing.txt: file not found"),
+])
+def test_bad_input_is_one_clear_line(args, message, model_dir, tmp_path):
+    args = [a.format(model=model_dir, tmp=tmp_path) for a in args]
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr

@@ -53,9 +53,9 @@ def bench_preset(name: str, batches: list[int], prompt_len: int, new_tokens: int
         prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
         runs = {"ours": [], "ours bf16": [], "transformers": []}
         for _ in range(repeats):  # interleaved, so machine noise hits both sides alike
-            runs["ours"].append(timed(lambda: ours_decode(ours, prompts, new_tokens)))
-            runs["transformers"].append(timed(lambda: hf_decode(theirs, prompts, new_tokens)))
-            runs["ours bf16"].append(timed(lambda: ours_decode(ours_bf16, prompts, new_tokens)))
+            runs["ours"].append(timed(lambda p=prompts: ours_decode(ours, p, new_tokens)))
+            runs["transformers"].append(timed(lambda p=prompts: hf_decode(theirs, p, new_tokens)))
+            runs["ours bf16"].append(timed(lambda p=prompts: ours_decode(ours_bf16, p, new_tokens)))
         speed = {k: batch * new_tokens / statistics.median(v) for k, v in runs.items()}
         print(f"  decode batch {batch}: ours {speed['ours']:7.1f} tok/s | transformers {speed['transformers']:7.1f} "
               f"tok/s | ratio {speed['ours'] / speed['transformers']:.2f}x | ours bf16 {speed['ours bf16']:7.1f} "

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from minimind import MiniMindError
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
+from minimind.tokenizer import save_tokenizer
 
 WEIGHTS = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,7 +71,7 @@ def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer: Any
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
     return Path(directory)
 
 

@@ -59,11 +59,8 @@ def run_demo(out: Path, quick: bool = False) -> None:
     say(f"4. transformers loads it as {type(theirs).__name__}; max |logit difference| = {diff:.1e}")
 
     prompt, _ = encode_chat(tokenizer, [{"role": "user", "content": "Who are you?"}], add_generation_prompt=True)
-    t0 = time.perf_counter()
     reply = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=32, temperature=0.85, seed=0))[0]
-    speed = len(reply.token_ids) / (time.perf_counter() - t0)
-    say(f"5. The untrained model answers 'Who are you?' with noise, as it should before training "
-        f"({speed:.0f} tokens/s):")
+    say("5. The untrained model answers 'Who are you?' with noise, as it should before training:")
     say(f"   {reply.text!r}")
     say("")
     say("Training (pretrain, SFT) is not built yet, so this model has learned nothing. Chat with it anyway:")

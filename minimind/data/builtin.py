@@ -50,15 +50,19 @@ def chinese_documents() -> Iterator[str]:
 
 
 def write_pretrain_jsonl(path: str | Path, max_chars: int | None = None) -> int:
-    """Write both languages interleaved as MiniMind pretrain JSONL ({"text": ...}); returns the row count."""
-    english, chinese = english_documents(), chinese_documents()
-    rows = chars = 0
+    """Write both languages as MiniMind pretrain JSONL ({"text": ...}), interleaved so that each holds about
+    half of the characters (scenes are long, news paragraphs short); returns the row count."""
+    sources = {"en": english_documents(), "zh": chinese_documents()}
+    chars = dict.fromkeys(sources, 0)
+    rows = 0
     with open(path, "w", encoding="utf-8") as f:
-        for pair in zip(english, chinese):
-            for text in pair:
-                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                rows += 1
-                chars += len(text)
-            if max_chars is not None and chars >= max_chars:
-                break
+        while sources and (max_chars is None or sum(chars.values()) < max_chars):
+            lang = min(sources, key=chars.__getitem__)
+            text = next(sources[lang], None)
+            if text is None:
+                del sources[lang]
+                continue
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            chars[lang] += len(text)
+            rows += 1
     return rows

@@ -1,0 +1,375 @@
+"""The one chat-template renderer: messages (+ tools, thinking) -> text, ids and loss mask; the matching Jinja
+template for tokenizer_config.json; parsers for <think>/<tool_call>. `ids, mask = encode_chat(tok, msgs)`."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# ChatML pieces, spelled once. The format is MiniMind's (a Qwen3 derivative) so its published weights work.
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+ROLES = ("system", "user", "assistant", "tool")
+
+TOOLS_INTRO = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+TOOLS_OUTRO = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>"
+)
+
+# The same format for transformers' apply_chat_template (and llama.cpp / Ollama after export). Every tag
+# trims whitespace on the left, so it renders the same with or without trim_blocks/lstrip_blocks.
+# tests/test_chat.py checks that it is byte-identical to `render` on hundreds of random conversations.
+CHAT_TEMPLATE = r"""{%- set thinking = (enable_thinking is defined and enable_thinking)
+    or (open_thinking is defined and open_thinking) %}
+{%- set has_system = messages | length > 0 and messages[0].role == 'system' %}
+{%- set system_text = messages[0].content if has_system and messages[0].content is string else '' %}
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if has_system %}
+        {{- system_text + '\n\n' }}
+    {%- endif %}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n'
+        + 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\n' + (tool | tojson) }}
+    {%- endfor %}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments '
+        + 'within <tool_call></tool_call> XML tags:\n<tool_call>\n'
+        + '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- elif has_system %}
+    {{- '<|im_start|>system\n' + system_text + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- set reasoning = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- set content = content.split('</think>')[-1] %}
+        {%- endif %}
+        {%- set content = content.lstrip('\n') %}
+        {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content }}
+        {%- if message.tool_calls %}
+            {%- for call in message.tool_calls %}
+                {%- if content or not loop.first %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- set fn = call.function if call.function else call %}
+                {{- '<tool_call>\n{"name": "' + fn.name + '", "arguments": ' }}
+                {%- if fn.arguments is string %}
+                    {{- fn.arguments }}
+                {%- else %}
+                    {{- fn.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' + content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if thinking %}
+        {{- '<think>\n' }}
+    {%- else %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+def _json_field(value: Any, what: str) -> Any:
+    """MiniMind's files store `tools` and `tool_calls` as JSON-encoded strings; decode them, pass others."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is a string but not valid JSON ({e.msg} at char {e.pos})") from None
+
+
+def _tools(value: Any, what: str) -> list[dict] | None:
+    value = _json_field(value, what)
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ValueError(f"{what} must be a list of JSON objects, got {type(value).__name__}")
+    return value or None
+
+
+def _tool_calls(value: Any, what: str) -> list[dict]:
+    value = _json_field(value, what)
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, got {type(value).__name__}")
+    calls = []
+    for i, call in enumerate(value):
+        where = f"{what}[{i}]"
+        if not isinstance(call, dict):
+            raise ValueError(f"{where} must be an object, got {type(call).__name__}")
+        fn = call.get("function") or call  # unwrap OpenAI's {"type": "function", "function": {...}}
+        if not isinstance(fn, dict):
+            raise ValueError(f"{where}.function must be an object")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where} has no function name")
+        args = fn.get("arguments", {})
+        if args is None:
+            args = {}
+        out = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(call.get("id"), str):
+            out["id"] = call["id"]
+        calls.append(out)
+    return calls
+
+
+def _content(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # OpenAI content parts: keep the text ones
+        parts = [p.get("text") for p in value if isinstance(p, dict) and p.get("type", "text") == "text"]
+        if all(isinstance(p, str) for p in parts):
+            return "".join(parts)
+    raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+
+
+def normalize(row_or_messages: Any, tools: Any = None) -> tuple[list[dict], list[dict] | None]:
+    """Bring any accepted conversation shape to plain messages + a tools list (or None).
+
+    Accepts a list of messages or a row with `conversations` (or `messages`) and an optional top-level
+    `tools`; MiniMind's JSON-string `tools` (on the system message) and `tool_calls`; OpenAI objects.
+    Tools come from the `tools` argument, else the row, else the first message that carries them.
+    Tool calls come out in OpenAI form. Raises ValueError naming the bad message and field."""
+    row_tools = None
+    if isinstance(row_or_messages, dict):
+        messages = row_or_messages.get("conversations")
+        if messages is None:
+            messages = row_or_messages.get("messages")
+        if messages is None:
+            raise ValueError("row has neither 'conversations' nor 'messages'")
+        row_tools = _tools(row_or_messages.get("tools"), "tools")
+    else:
+        messages = row_or_messages
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list, got {type(messages).__name__}")
+
+    out: list[dict] = []
+    message_tools = None
+    for i, m in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where} must be an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"{where} has role {role!r}; expected one of {', '.join(ROLES)}")
+        msg = {k: v for k, v in m.items() if v is not None and k not in ("tools", "functions")}
+        msg["content"] = _content(m.get("content"), f"{where} content")
+        for key in ("tools", "functions"):  # `functions` is an older MiniMind spelling
+            found = _tools(m.get(key), f"{where} {key}")
+            if found and message_tools is None:
+                message_tools = found
+        if role == "assistant":
+            # transformers reads reasoning under these names too; take the same one it would.
+            reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning")
+                              if m.get(k) is not None), None)
+            if reasoning is not None:
+                if not isinstance(reasoning, str):
+                    raise ValueError(f"{where} reasoning_content must be a string")
+                msg["reasoning_content"] = reasoning
+            calls = _tool_calls(m.get("tool_calls"), f"{where} tool_calls")
+            if calls:
+                msg["tool_calls"] = calls
+            else:
+                msg.pop("tool_calls", None)
+        out.append(msg)
+    chosen = _tools(tools, "tools") or row_tools or message_tools
+    return out, chosen
+
+
+# ---------------------------------------------------------------------------------------------- render
+
+
+def _split_think(content: str) -> tuple[str, str]:
+    """Reasoning written inline as `<think>...</think>answer`: (reasoning, answer), as the template does."""
+    reasoning = content.split(THINK_CLOSE)[0].rstrip("\n").split(THINK_OPEN)[-1].lstrip("\n")
+    return reasoning, content.split(THINK_CLOSE)[-1]
+
+
+def _call_text(call: dict) -> str:
+    fn = call.get("function") or call
+    args = fn.get("arguments", {})
+    args_text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return f'{CALL_OPEN}\n{{"name": "{fn["name"]}", "arguments": {args_text}}}\n{CALL_CLOSE}'
+
+
+def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
+                      enable_thinking: bool = False, open_thinking: bool = False,
+                      ) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation; also return the [start, end) character ranges that carry loss: each assistant
+    turn from just after its `<|im_start|>assistant\\n` header through its `<|im_end|>`."""
+    messages, tools = normalize(messages, tools)
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+
+    def emit(text: str) -> None:
+        nonlocal pos
+        parts.append(text)
+        pos += len(text)
+
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    system_text = messages[0]["content"] if has_system else ""
+    if tools:
+        emit(f"{IM_START}system\n" + (system_text + "\n\n" if has_system else "") + TOOLS_INTRO)
+        for tool in tools:
+            emit("\n" + json.dumps(tool, ensure_ascii=False))  # what transformers' `tojson` does
+        emit(f"{TOOLS_OUTRO}{IM_END}\n")
+    elif has_system:
+        emit(f"{IM_START}system\n{system_text}{IM_END}\n")
+
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "user" or (role == "system" and i > 0):
+            emit(f"{IM_START}{role}\n{content}{IM_END}\n")
+        elif role == "assistant":
+            reasoning = m.get("reasoning_content")
+            if not isinstance(reasoning, str):
+                reasoning = ""
+                if THINK_CLOSE in content:
+                    reasoning, content = _split_think(content)
+            content, reasoning = content.lstrip("\n"), reasoning.strip("\n")
+            emit(f"{IM_START}assistant\n")
+            start = pos
+            emit(f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{content}")
+            for j, call in enumerate(m.get("tool_calls") or []):
+                emit(("\n" if content or j > 0 else "") + _call_text(call))
+            emit(IM_END)
+            spans.append((start, pos))
+            emit("\n")
+        elif role == "tool":
+            if i == 0 or messages[i - 1]["role"] != "tool":
+                emit(f"{IM_START}user")
+            emit(f"\n{RESPONSE_OPEN}\n{content}\n{RESPONSE_CLOSE}")
+            if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+                emit(f"{IM_END}\n")
+
+    if add_generation_prompt:
+        opened = f"{THINK_OPEN}\n" if enable_thinking or open_thinking else EMPTY_THINK
+        emit(f"{IM_START}assistant\n{opened}")
+    return "".join(parts), spans
+
+
+def render(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
+           enable_thinking: bool = False, open_thinking: bool = False) -> str:
+    """The conversation as the model sees it (the same text `CHAT_TEMPLATE` produces)."""
+    return render_with_spans(messages, tools, add_generation_prompt, enable_thinking, open_thinking)[0]
+
+
+def _ids_and_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if hasattr(tokenizer, "encode_batch"):  # a raw `tokenizers.Tokenizer`
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+    out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(out["input_ids"]), [tuple(o) for o in out["offset_mapping"]]
+
+
+def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation_prompt: bool = False,
+                enable_thinking: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 loss mask of the same length (no bos/eos added).
+
+    The text is tokenized once; a token carries loss iff its character range lies inside an assistant
+    span, so the mask is right whatever BPE merges across boundaries."""
+    text, spans = render_with_spans(messages, tools, add_generation_prompt, enable_thinking)
+    ids, offsets = _ids_and_offsets(tokenizer, text)
+    mask = [0] * len(ids)
+    k = 0
+    for t, (start, end) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] < end:  # offsets only grow: this span is done with
+            k += 1
+        if k == len(spans):
+            break
+        if spans[k][0] <= start and end <= spans[k][1]:
+            mask[t] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------- parse
+
+_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+
+
+def _parse_call(body: str) -> dict | None:
+    """One `<tool_call>` body as an OpenAI tool call, or None if it is not a well-formed call."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+        return None
+    args = data.get("arguments", {})
+    if args is None:
+        args = {}
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return {"type": "function", "function": {"name": data["name"], "arguments": args}}
+
+
+def parse_assistant(text: str) -> dict[str, Any]:
+    """Split a generated assistant turn into reasoning, visible content and tool calls.
+
+    Handles `<think>..</think>`, a bare `..</think>` (the prompt already opened `<think>`), any number of
+    `<tool_call>{json}</tool_call>` blocks and a trailing `<|im_end|>`. A block whose JSON does not parse
+    stays in the content as text: model output is data, never code."""
+    text = text.split(IM_END)[0].replace("<|endoftext|>", "")
+    reasoning: str | None = None
+    if THINK_CLOSE in text:  # as rendering splits: first </think> ends reasoning, last starts content
+        reasoning = text.split(THINK_CLOSE)[0].split(THINK_OPEN)[-1]
+        text = text.split(THINK_CLOSE)[-1]
+    elif text.lstrip().startswith(THINK_OPEN):  # cut off while still thinking
+        reasoning, text = text.lstrip()[len(THINK_OPEN):], ""
+    if reasoning is not None:
+        reasoning = reasoning.strip("\n") or None
+
+    calls = []
+
+    def take(match: re.Match) -> str:
+        call = _parse_call(match.group(1).strip())
+        if call is None:
+            return match.group(0)
+        calls.append(call)
+        return ""
+
+    content = _CALL_RE.sub(take, text)
+    return {"reasoning_content": reasoning, "content": content.strip(), "tool_calls": calls}

@@ -1,0 +1,367 @@
+"""Chat format tests: exact strings, the Jinja template against `render` on random conversations, the loss
+mask, MiniMind's row format and the output parsers. `pytest tests/test_chat.py`."""
+
+import json
+import random
+
+import jinja2
+import pytest
+from transformers import AutoTokenizer
+
+from minimind.chat import CHAT_TEMPLATE, encode_chat, normalize, parse_assistant, render, render_with_spans
+from minimind.tokenizer import train_tokenizer
+
+TOOLS_HEAD = ("<|im_start|>system\n# Tools\n\n"
+              "You may call one or more functions to assist with the user query.\n\n"
+              "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_TAIL = ("\n</tools>\n\n"
+              "For each function call, return a json object with function name and arguments within "
+              "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+              "<args-json-object>}\n</tool_call><|im_end|>\n")
+ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "加法"}}
+ADD_TOOL_JSON = '{"type": "function", "function": {"name": "add", "description": "加法"}}'
+EMPTY = "<think>\n\n</think>\n\n"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A small trained tokenizer, loaded as transformers users load it (so the saved template is used)."""
+    root = tmp_path_factory.mktemp("chat_tok")
+    rng = random.Random(1)
+    words = "the user asks and assistant answers with tools call result 你好 世界 天气 北京 计算 答案".split()
+    (root / "corpus.txt").write_text(
+        "".join(" ".join(rng.choices(words, k=12)) + "\n" for _ in range(2000)), encoding="utf-8")
+    train_tokenizer([root / "corpus.txt"], 360, out_dir=root / "tok", progress=False)
+    return AutoTokenizer.from_pretrained(root / "tok")
+
+
+# ------------------------------------------------------------------------------------ exact strings
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text, **extra):
+    return {"role": "assistant", "content": text, **extra}
+
+
+CASES = {
+    "plain": (
+        dict(messages=[u("Hi"), a("Hello!")]),
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nHello!<|im_end|>\n",
+    ),
+    "system_and_prompt": (
+        dict(messages=[{"role": "system", "content": "Be brief."}, u("2+2?")], add_generation_prompt=True),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    ),
+    "prompt_thinking_on": (
+        dict(messages=[u("2+2?")], add_generation_prompt=True, enable_thinking=True),
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    ),
+    "prompt_open_thinking_alias": (
+        dict(messages=[u("2+2?")], add_generation_prompt=True, open_thinking=True),
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    ),
+    "later_system": (
+        dict(messages=[u("a"), {"role": "system", "content": "b"}]),
+        "<|im_start|>user\na<|im_end|>\n<|im_start|>system\nb<|im_end|>\n",
+    ),
+    "reasoning_content": (
+        dict(messages=[u("2+2?"), a("\n4", reasoning_content="\n\n2 plus 2 is 4.\n")]),
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n2 plus 2 is 4.\n</think>\n\n4<|im_end|>\n",
+    ),
+    "think_in_content": (
+        dict(messages=[u("q"), a("<think>\nadd them\n</think>\n\n4"), u("again"), a("plus</think>four")]),
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\nadd them\n</think>\n\n4<|im_end|>\n"
+        "<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n<think>\nplus\n</think>\n\nfour<|im_end|>\n",
+    ),
+    "tool_round_trip": (
+        dict(messages=[{"role": "system", "content": "You are a calculator."}, u("1+2?"),
+                       a("", tool_calls=[{"name": "add", "arguments": {"a": 1, "b": 2}}]),
+                       {"role": "tool", "content": "3"}, {"role": "tool", "content": "还有"}, a("3")],
+             tools=[ADD_TOOL]),
+        "<|im_start|>system\nYou are a calculator.\n\n" + TOOLS_HEAD[len("<|im_start|>system\n"):] + "\n"
+        + ADD_TOOL_JSON + TOOLS_TAIL
+        + "<|im_start|>user\n1+2?<|im_end|>\n"
+        "<|im_start|>assistant\n" + EMPTY
+        + "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call><|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n3\n</tool_response>\n<tool_response>\n还有\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n" + EMPTY + "3<|im_end|>\n",
+    ),
+    "string_args_wrapper_two_calls": (
+        dict(messages=[u("weather?"), a("Let me check.", tool_calls=[
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}},
+            {"name": "get_time", "arguments": {}}])], tools=[ADD_TOOL, ADD_TOOL]),
+        TOOLS_HEAD + "\n" + ADD_TOOL_JSON + "\n" + ADD_TOOL_JSON + TOOLS_TAIL
+        + "<|im_start|>user\nweather?<|im_end|>\n<|im_start|>assistant\n" + EMPTY + "Let me check.\n"
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"北京\"}}\n</tool_call>\n"
+        "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call><|im_end|>\n",
+    ),
+    "none_content_and_thinking_alias": (
+        dict(messages=[u("x"), {"role": "assistant", "content": None, "thinking": "hmm",
+                                "tool_calls": [{"name": "f", "arguments": {"k": "é"}}]}]),
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n</think>\n\n"
+        "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"k\": \"é\"}}\n</tool_call><|im_end|>\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exact_render(name, tok):
+    kwargs, expected = CASES[name]
+    assert render(**kwargs) == expected
+    kwargs = dict(kwargs)
+    messages = kwargs.pop("messages")
+    assert tok.apply_chat_template(messages, tokenize=False, **kwargs) == expected
+
+
+def test_thinking_off_by_default_and_false_stays_off():
+    messages = [u("hi")]
+    off = render(messages, add_generation_prompt=True)
+    assert off.endswith("<|im_start|>assistant\n" + EMPTY)
+    assert render(messages, add_generation_prompt=True, enable_thinking=False, open_thinking=False) == off
+
+
+def test_spans_cover_assistant_turns_only():
+    text, spans = render_with_spans(CASES["tool_round_trip"][0]["messages"], tools=[ADD_TOOL])
+    pieces = [text[s:e] for s, e in spans]
+    call_text = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call>"
+    assert pieces == [EMPTY + call_text + "<|im_end|>", EMPTY + "3<|im_end|>"]
+    assert all(text[s - len("<|im_start|>assistant\n"):s] == "<|im_start|>assistant\n" for s, _ in spans)
+    assert all(text[e] == "\n" for _, e in spans)  # the newline after <|im_end|> carries no loss
+
+
+# ---------------------------------------------------------------------------- random conversations
+
+TEXTS = ["Hello", "你好，世界！", "emoji 😀🎉 ok", "  spaced out  ", "\nleading newline", "trailing\n\n", "",
+         'quote " and \\ backslash', "{{ not a template }} {% raw %}", "multi\nline\ntext", "日本語テキスト",
+         "a<b>c & d", "Ünïcödé ß", "<think>inline thought</think>the answer", "partial</think>\n\nrest",
+         "<think>\n\nempty</think>", "two</think>closers</think>end", "tab\there"]
+ARGS = [{}, {"a": 1, "b": 2.5}, {"city": "北京", "flags": [True, False, None]},
+        {"nested": {"x": "😀", "y": [1]}}, '{"raw": "string args"}', "not json at all",
+        {"q": 'he said "hi"\n'}]
+
+
+def random_tool(rng):
+    return {"type": "function", "function": {
+        "name": rng.choice(["add", "get_weather", "search", "计算器"]),
+        "description": rng.choice(TEXTS),
+        "parameters": {"type": "object", "properties": {"x": {"type": "number", "description": "数值"}}}}}
+
+
+def random_call(rng):
+    name, args = rng.choice(["add", "get_weather", "lookup"]), rng.choice(ARGS)
+    if rng.random() < 0.5:
+        return {"name": name, "arguments": args}
+    return {"id": f"call_{rng.randint(0, 99)}", "type": "function",
+            "function": {"name": name, "arguments": args}}
+
+
+def random_assistant(rng, calls=False):
+    m = {"role": "assistant", "content": rng.choice(TEXTS)}
+    r = rng.random()
+    if r < 0.3:
+        m["reasoning_content"] = rng.choice(TEXTS)
+    elif r < 0.4:
+        m["thinking"] = rng.choice(TEXTS)
+    if calls:
+        m["tool_calls"] = [random_call(rng) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.3:
+            m["content"] = None if rng.random() < 0.5 else ""
+    return m
+
+
+def random_conversation(rng):
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": rng.choice(TEXTS)})
+    for _ in range(rng.randint(1, 5)):
+        kind = rng.random()
+        if kind < 0.45:
+            messages += [u(rng.choice(TEXTS)), random_assistant(rng)]
+        elif kind < 0.75:
+            messages += [u(rng.choice(TEXTS)), random_assistant(rng, calls=True)]
+            messages += [{"role": "tool", "content": rng.choice(TEXTS)} for _ in range(rng.randint(1, 3))]
+            messages.append(random_assistant(rng))
+        elif kind < 0.85:
+            messages.append({"role": "system", "content": rng.choice(TEXTS)})
+        else:
+            messages.append(u(rng.choice(TEXTS)))
+    tools = rng.choice([None, [], [random_tool(rng)], [random_tool(rng) for _ in range(3)]])
+    kwargs = {"add_generation_prompt": rng.random() < 0.5}
+    for key in ("enable_thinking", "open_thinking"):
+        if rng.random() < 0.4:
+            kwargs[key] = rng.random() < 0.5
+    return messages, tools, kwargs
+
+
+CONVERSATIONS = [random_conversation(random.Random(seed)) for seed in range(400)]
+
+
+def test_template_matches_render_on_random_conversations(tok):
+    assert tok.chat_template == CHAT_TEMPLATE
+    for messages, tools, kwargs in CONVERSATIONS:
+        ours = render(messages, tools, **kwargs)
+        theirs = tok.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
+        assert ours == theirs, (messages, tools, kwargs)
+
+
+def test_template_needs_no_trim_blocks():
+    """llama.cpp and Ollama render with their own Jinja settings: the output must not depend on them."""
+    env = jinja2.Environment()
+    env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
+    template = env.from_string(CHAT_TEMPLATE)
+    for messages, tools, kwargs in CONVERSATIONS[:60]:
+        messages, tools = normalize(messages, tools)
+        assert template.render(messages=messages, tools=tools, **kwargs) == render(messages, tools, **kwargs)
+
+
+def masked_runs(ids, mask):
+    runs, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("index", range(0, 400, 4))
+def test_loss_mask_is_exactly_the_assistant_turns(tok, index):
+    messages, tools, kwargs = CONVERSATIONS[index]
+    kwargs = {k: v for k, v in kwargs.items() if k != "open_thinking"}
+    text, spans = render_with_spans(messages, tools, **kwargs)
+    ids, mask = encode_chat(tok, messages, tools, **kwargs)
+    assert len(ids) == len(mask) and set(mask) <= {0, 1}
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]  # no bos/eos added
+    assert tok.decode(ids) == text
+    runs = [tok.decode(r) for r in masked_runs(ids, mask)]
+    assert runs == [text[s:e] for s, e in spans]
+    assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+    for run in runs:
+        assert run.startswith("<think>\n") and run.endswith("<|im_end|>") and "<|im_start|>" not in run
+    unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
+    for m in messages:
+        if m["role"] in ("user", "tool") and m["content"]:
+            assert m["content"] in unmasked
+
+
+def test_loss_mask_exact_example(tok):
+    messages = [{"role": "system", "content": "sys 你好"}, u("user text"),
+                a("answer 世界", reasoning_content="why"), u("more"),
+                a("", tool_calls=[{"name": "add", "arguments": {"a": 1}}]), {"role": "tool", "content": "1"}]
+    ids, mask = encode_chat(tok, messages, tools=[ADD_TOOL], add_generation_prompt=True)
+    runs = [tok.decode(r) for r in masked_runs(ids, mask)]
+    call_text = "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1}}\n</tool_call>"
+    assert runs == ["<think>\nwhy\n</think>\n\nanswer 世界<|im_end|>", EMPTY + call_text + "<|im_end|>"]
+    assert mask[-6:] == [0] * 6  # the tool response and the generation prompt carry no loss
+    raw = encode_chat(tok.backend_tokenizer, messages, tools=[ADD_TOOL], add_generation_prompt=True)
+    assert raw == (ids, mask)
+
+
+# ---------------------------------------------------------------------------------------- normalize
+
+MINIMIND_ROW = {"conversations": [
+    {"role": "system", "content": "你是助手。",
+     "tools": json.dumps([{"type": "function", "function": {"name": "calculate_math", "parameters": {}}}])},
+    {"role": "user", "content": "256 * 37 = ?"},
+    {"role": "assistant", "content": "",
+     "tool_calls": "[{\"name\":\"calculate_math\",\"arguments\":{\"expression\":\"256 * 37\"}}]"},
+    {"role": "tool", "content": "{\"result\":\"9472\"}"},
+    {"role": "assistant", "content": "9472", "reasoning_content": "The tool says 9472."},
+]}
+
+
+def test_normalize_minimind_row():
+    messages, tools = normalize(MINIMIND_ROW)
+    assert tools == [{"type": "function", "function": {"name": "calculate_math", "parameters": {}}}]
+    assert "tools" not in messages[0]
+    assert messages[2]["tool_calls"] == [
+        {"type": "function", "function": {"name": "calculate_math", "arguments": {"expression": "256 * 37"}}}]
+    assert messages[4]["reasoning_content"] == "The tool says 9472."
+    text = render(MINIMIND_ROW)
+    assert text.startswith("<|im_start|>system\n你是助手。\n\n# Tools\n")
+    assert '{"type": "function", "function": {"name": "calculate_math", "parameters": {}}}\n</tools>' in text
+    assert ("<|im_start|>assistant\n" + EMPTY + "<tool_call>\n{\"name\": \"calculate_math\", \"arguments\": "
+            "{\"expression\": \"256 * 37\"}}\n</tool_call><|im_end|>\n") in text
+    assert text.endswith("<think>\nThe tool says 9472.\n</think>\n\n9472<|im_end|>\n")
+    assert normalize(messages, tools) == (messages, tools)  # idempotent
+
+
+def test_normalize_aliases_and_sources():
+    openai_row = {"messages": [u("hi"), a("yo")], "tools": [ADD_TOOL]}
+    assert normalize(openai_row) == ([u("hi"), a("yo")], [ADD_TOOL])
+    assert normalize([u("hi")]) == ([u("hi")], None)
+    assert normalize([u("hi")], tools=[]) == ([u("hi")], None)
+    assert normalize([u("hi")], tools=json.dumps([ADD_TOOL])) == ([u("hi")], [ADD_TOOL])
+    # The explicit argument wins over the row, and the row over a message.
+    other = {"type": "function", "function": {"name": "other"}}
+    row = {"conversations": [{"role": "system", "content": "", "tools": [other]}], "tools": [ADD_TOOL]}
+    assert normalize(row)[1] == [ADD_TOOL]
+    assert normalize(row, tools=[other])[1] == [other]
+    # MiniMind rows read through `datasets` carry None for absent fields and "" for empty ones.
+    from_datasets = {"role": "assistant", "content": "x", "tool_calls": "", "reasoning_content": None}
+    assert normalize([from_datasets])[0] == [a("x")]
+    parts = [{"role": "user",
+              "content": [{"type": "text", "text": "a"}, {"type": "image_url"}, {"text": "b"}]}]
+    assert normalize(parts)[0] == [u("ab")]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"text": "x"}, "neither 'conversations' nor 'messages'"),
+    ({"conversations": "hi"}, "messages must be a list"),
+    ([u("a"), "b"], "message 1 must be an object"),
+    ([{"role": "bot", "content": "x"}], "message 0 has role 'bot'"),
+    ([{"role": "user", "content": 5}], "message 0 content must be a string"),
+    ([a("", tool_calls="[{bad json")], "message 0 tool_calls is a string but not valid JSON"),
+    ([a("", tool_calls=[{"arguments": {}}])], r"message 0 tool_calls\[0\] has no function name"),
+    ([a("", tool_calls=[3])], r"message 0 tool_calls\[0\] must be an object"),
+    ([a("", reasoning_content=["x"])], "message 0 reasoning_content must be a string"),
+    ([{"role": "system", "content": "", "tools": "{oops"}], "message 0 tools is a string but not valid JSON"),
+    ([{"role": "system", "content": "", "tools": "[1, 2]"}], "message 0 tools must be a list of JSON obj"),
+])
+def test_normalize_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        normalize(bad)
+
+
+# ------------------------------------------------------------------------------------------ parsers
+
+def call(name, args):
+    return {"type": "function", "function": {"name": name, "arguments": args}}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Hello there.<|im_end|>", (None, "Hello there.", [])),
+    ("<think>\nstep 1\nstep 2\n</think>\n\nDone.<|im_end|>\n", ("step 1\nstep 2", "Done.", [])),
+    ("still thinking\n</think>\n\nanswer", ("still thinking", "answer", [])),  # prompt opened <think>
+    ("<think>\n\n</think>\n\nno thoughts", (None, "no thoughts", [])),
+    ("<think>\ncut off mid-thought", ("cut off mid-thought", "", [])),
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": "二"}}\n</tool_call><|im_end|>',
+     (None, "", [call("add", '{"a": 1, "b": "二"}')])),
+    ('Checking.\n<tool_call>\n{"name": "f", "arguments": "{\\"x\\": 1}"}\n</tool_call>\n'
+     '<tool_call>{"name": "g"}</tool_call>', (None, "Checking.", [call("f", '{"x": 1}'), call("g", "{}")])),
+    ('<tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call>',
+     (None, '<tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call>', [])),
+    ('<tool_call>["not", "a", "call"]</tool_call> <tool_call>__import__("os")</tool_call>',
+     (None, '<tool_call>["not", "a", "call"]</tool_call> <tool_call>__import__("os")</tool_call>', [])),
+    ("x<|im_end|>trailing junk", (None, "x", [])),
+])
+def test_parse_assistant(text, expected):
+    got = parse_assistant(text)
+    assert (got["reasoning_content"], got["content"], got["tool_calls"]) == expected
+
+
+def test_parse_inverts_render():
+    message = a("Let me see.", reasoning_content="think hard",
+                tool_calls=[{"name": "add", "arguments": {"a": 1}},
+                            {"name": "get", "arguments": {"城市": "北京"}}])
+    text, [(start, end)] = render_with_spans([message])
+    parsed = parse_assistant(text[start:end])
+    assert parsed == {"reasoning_content": "think hard", "content": "Let me see.",
+                      "tool_calls": [call("add", '{"a": 1}'), call("get", '{"城市": "北京"}')]}
+    assert render([{"role": "assistant", **parsed}]) == text

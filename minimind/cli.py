@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from minimind import MiniMindError, __version__
+from minimind.data.commands import add_data_parser
 
 
 def pick_device(name: str) -> str:
@@ -200,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     p.set_defaults(func=cmd_demo)
+
+    add_data_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")

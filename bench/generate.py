@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from minimind.checkpoint import load_model, save_model
 from minimind.config import ModelConfig
+from minimind.device import pick_dtype
 from minimind.generation import SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
 
@@ -41,34 +42,43 @@ def bench_preset(name: str, batches: list[int], prompt_len: int, new_tokens: int
     cfg = ModelConfig.preset(name)
     with tempfile.TemporaryDirectory() as d:
         save_model(MiniMindForCausalLM(cfg), d)
-        ours = load_model(d)
-        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        ours_bf16 = load_model(d, dtype=torch.bfloat16)
-    ours.config.eos_token_id = ours_bf16.config.eos_token_id = -1
-    theirs.generation_config.eos_token_id = None
+        models = {
+            "ours fp32": load_model(d),
+            "ours bf16": load_model(d, dtype=torch.bfloat16),
+            "hf fp32": AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(),
+            "hf bf16": AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval(),
+        }
+    for key, m in models.items():
+        if key.startswith("ours"):
+            m.config.eos_token_id = -1
+        else:
+            m.generation_config.eos_token_id = None
+    default = f"ours {'bf16' if pick_dtype('auto', torch.device('cpu')) == torch.bfloat16 else 'fp32'}"
     print(f"\n{name} ({cfg.num_parameters() / 1e6:.1f}M parameters), prompt {prompt_len}, {new_tokens} new tokens, "
-          f"median of {repeats}, fp32 unless marked")
+          f"median of {repeats}; our default dtype here is {default.split()[1]}")
     g = torch.Generator().manual_seed(1)
     for batch in batches:
         prompts = torch.randint(3, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-        runs = {"ours": [], "ours bf16": [], "transformers": []}
-        for _ in range(repeats):  # interleaved, so machine noise hits both sides alike
-            runs["ours"].append(timed(lambda p=prompts: ours_decode(ours, p, new_tokens)))
-            runs["transformers"].append(timed(lambda p=prompts: hf_decode(theirs, p, new_tokens)))
-            runs["ours bf16"].append(timed(lambda p=prompts: ours_decode(ours_bf16, p, new_tokens)))
+        runs: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(repeats):  # interleaved, so machine noise hits every contender alike
+            for key, m in models.items():
+                fn = ours_decode if key.startswith("ours") else hf_decode
+                runs[key].append(timed(lambda fn=fn, m=m, p=prompts: fn(m, p, new_tokens)))
         speed = {k: batch * new_tokens / statistics.median(v) for k, v in runs.items()}
-        print(f"  decode batch {batch}: ours {speed['ours']:7.1f} tok/s | transformers {speed['transformers']:7.1f} "
-              f"tok/s | ratio {speed['ours'] / speed['transformers']:.2f}x | ours bf16 {speed['ours bf16']:7.1f} "
-              f"tok/s ({speed['ours bf16'] / speed['transformers']:.2f}x)")
+        print(f"  decode batch {batch}: " + " | ".join(f"{k} {v:6.1f}" for k, v in speed.items()) + " tok/s")
+        print(f"    ratios: same dtype fp32 {speed['ours fp32'] / speed['hf fp32']:.2f}x, "
+              f"bf16 {speed['ours bf16'] / speed['hf bf16']:.2f}x; "
+              f"defaults ({default} vs hf fp32) {speed[default] / speed['hf fp32']:.2f}x")
     ids = torch.randint(3, cfg.vocab_size, (1, 512), generator=g)
-    pre = {"ours": [], "transformers": []}
+    pre: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for _ in range(repeats):
-            pre["ours"].append(timed(lambda: ours(ids, logits_to_keep=1)))
-            pre["transformers"].append(timed(lambda: theirs(ids, logits_to_keep=1)))
+            for key, m in models.items():
+                pre[key].append(timed(lambda m=m: m(ids, logits_to_keep=1)))
     speed = {k: 512 / statistics.median(v) for k, v in pre.items()}
-    print(f"  prefill 512: ours {speed['ours']:7.0f} tok/s | transformers {speed['transformers']:7.0f} tok/s | "
-          f"ratio {speed['ours'] / speed['transformers']:.2f}x")
+    print("  prefill 512: " + " | ".join(f"{k} {v:6.0f}" for k, v in speed.items()) + " tok/s")
+    print(f"    ratios: fp32 {speed['ours fp32'] / speed['hf fp32']:.2f}x, "
+          f"bf16 {speed['ours bf16'] / speed['hf bf16']:.2f}x")
 
 
 def main() -> None:

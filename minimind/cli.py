@@ -12,28 +12,14 @@ from minimind import MiniMindError, __version__
 from minimind.data.commands import add_data_parser
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def load_for_inference(args: argparse.Namespace):
     """Model and tokenizer from --model, on --device, in --dtype."""
-    import torch
-
     from minimind.checkpoint import load_model
+    from minimind.device import pick_device, pick_dtype
     from minimind.tokenizer import load_tokenizer
 
-    dtypes = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-              "float16": torch.float16}
-    model = load_model(args.model, device=pick_device(args.device), dtype=dtypes[args.dtype])
+    device = pick_device(args.device)
+    model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
     tokenizer = load_tokenizer(args.model)
     if len(tokenizer) > model.config.vocab_size:
         raise MiniMindError(f"{args.model}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
@@ -96,7 +82,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     params = sampling_from(args)
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{Path(args.model).name}: {n_params / 1e6:.1f}M parameters on {pick_device(args.device)}. "
+    weights = model.model.embed_tokens.weight
+    print(f"{Path(args.model).name}: {n_params / 1e6:.1f}M parameters on {weights.device} "
+          f"({str(weights.dtype).removeprefix('torch.')}). "
           "Ctrl-D or /exit quits, /clear forgets the conversation, Ctrl-C stops an answer.")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -160,6 +148,21 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"saved a randomly initialised {args.preset} model ({cfg.num_parameters():,} parameters) to {args.out}")
 
 
+STAGES = {"pretrain": "minimind.train.pretrain:PretrainStage", "sft": "minimind.train.sft:SFTStage"}
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import importlib
+
+    from minimind.train.config import load_config
+    from minimind.train.loop import train
+
+    overrides = list(args.overrides) + (["--resume", "true"] if args.resume else [])
+    cfg = load_config(args.config, overrides, stage=args.stage)
+    module, name = STAGES[args.stage].split(":")
+    train(cfg, getattr(importlib.import_module(module), name))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from minimind.demo import run_demo
 
@@ -179,7 +182,7 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype for inference (auto: float32)")
+                   help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--think", action="store_true", help="let the model think first (enable_thinking) and show it")
     p.add_argument("--max-new-tokens", type=int, default=512, help="stop after this many new tokens")
@@ -213,6 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_tokenizer_train)
 
+    p = sub.add_parser("train", help="train a stage (pretrain, sft)", description=(
+        "Settings come from --config FILE.toml, then any --key value override (every TrainConfig field: "
+        "data, val_data, init_from, preset, tokenizer, seq_len, batch_size, global_batch_tokens, steps, epochs, "
+        "lr, warmup_steps, device, dtype, compile, save_every, eval_every, ...). Under torchrun it runs DDP."))
+    p.add_argument("stage", choices=list(STAGES), help="which stage to run")
+    p.add_argument("--config", default=None, help="TOML settings file (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.set_defaults(func=cmd_train, overrides=[])
+
     p = sub.add_parser("init", help="write a randomly initialised model directory from a preset")
     p.add_argument("--preset", default="tiny", help="minimind-3, minimind-3-moe, minimind2-small, minimind2, tiny")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory to bundle")
@@ -234,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.func is not cmd_train:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     try:
         args.func(args)
     except MiniMindError as e:

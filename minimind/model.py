@@ -24,9 +24,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even under bf16 autocast: the mean of squares loses too much in 8 mantissa bits.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Cast back before the weight multiply, as transformers does, so logits match it closely.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 # ---- rotary position embedding -------------------------------------------------------------------
@@ -71,16 +70,17 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Computed from the positions each call (cheap) so any per-row offset, e.g. left padding, just works.
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        # Rotate-half pairs dim i with i + D/2; the first half's partner enters negated, so fold that sign
+        # into sin once here instead of negating activations in every layer.
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         # Cast to the activation dtype: fp32 cos/sin would promote bf16 activations and slow training.
-        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
+        return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, H, T, D] with cos/sin [B, T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    """Rotate-half RoPE on x [B, H, T, D] with cos/sin [B, 1, T, D] from RotaryEmbedding (sin pre-signed)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ---- KV cache --------------------------------------------------------------------------------------
@@ -134,7 +134,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None) -> torch.Tensor:
@@ -152,7 +151,8 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
         )
-        return self.resid_dropout(self.o_proj(out.transpose(1, 2).reshape(B, T, -1)))
+        out = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return F.dropout(out, self.dropout, training=True) if self.training and self.dropout else out
 
 
 class MLP(nn.Module):
@@ -228,7 +228,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
@@ -281,7 +281,9 @@ class MiniMindForCausalLM(nn.Module):
                 position_ids = offset + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask, is_causal = self._attention_mask(attention_mask, cache, B, T, input_ids.device)
 
-        x = self.model.dropout(self.model.embed_tokens(input_ids))
+        x = self.model.embed_tokens(input_ids)
+        if self.training and self.model.dropout:
+            x = F.dropout(x, self.model.dropout, training=True)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = self.model.rotary(position_ids, dtype)
         aux_total = None

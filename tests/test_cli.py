@@ -47,7 +47,7 @@ def test_tokenizer_train_and_init(tmp_path):
 
 
 def test_generate_prints_only_the_generated_text(model_dir, tokenizer):
-    args = ("generate", "--model", str(model_dir), "--max-new-tokens", "8", "--temperature", "0")
+    args = ("generate", "--model", str(model_dir), "--max-new-tokens", "8", "--temperature", "0", "--dtype", "float32")
     a = run(*args, "--prompt", "The king").stdout
     b = run(*args, "--prompt", "-", stdin="The king").stdout
     assert a == b and a.endswith("\n") and len(a) > 1

@@ -28,6 +28,14 @@ def small_model(family: str, seed: int = 0, **overrides) -> MiniMindForCausalLM:
     return model.eval()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def packed_cache(tmp_path_factory):
+    """Keep the packed-data cache of every test (and the subprocesses they start) out of ~/.cache."""
+    import os
+
+    os.environ["MINIMIND_CACHE"] = str(tmp_path_factory.mktemp("packed"))
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param

@@ -1,0 +1,160 @@
+"""TrainConfig: every setting of a training run, read from a TOML file plus `--key value` overrides.
+`cfg = load_config("configs/tiny_pretrain.toml", ["--lr", "1e-3"], stage="pretrain")`."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from minimind import MiniMindError
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "pretrain"
+    # run directory; default runs/<stage>. (Not "--run": torchrun would take that for its own --run-path.)
+    out: str = ""
+    # data
+    data: str = ""  # training file (MiniMind JSONL, or .txt for pretraining)
+    val_data: str = ""  # optional held-out file of the same kind for validation loss
+    skip_bad: bool = False  # skip (and count) bad lines instead of refusing the file
+    workers: int = 0  # tokenizer processes for packing (0: one per CPU core)
+    cache_dir: str = ""  # packed-data cache (default: $MINIMIND_CACHE or ~/.cache/minimind/packed)
+    system_prompt_prob: float = 0.0  # SFT: add a random system prompt to this share of chats (MiniMind: 0.2)
+    keep_empty_think_prob: float = 1.0  # SFT: keep empty think blocks in this share of chats (MiniMind: 0.2)
+    # model
+    init_from: str = ""  # a model directory from an earlier stage (its config is inherited)
+    preset: str = "tiny"  # used when init_from is empty
+    tokenizer: str = ""  # tokenizer directory when init_from is empty
+    dropout: float = 0.0
+    # optimisation
+    seq_len: int = 512
+    batch_size: int = 16  # rows per micro-batch per process
+    global_batch_tokens: int = 0  # tokens per optimizer step over all processes (0: batch_size * seq_len * world)
+    steps: int = 0  # optimizer steps (0: derived from epochs)
+    epochs: float = 1.0
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0  # 0: 2% of the steps
+    weight_decay: float = 0.1  # matrices only; norms and embeddings are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # machine
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
+    dtype: str = "auto"  # auto (bf16 where the hardware has it), bfloat16, float16, float32
+    compile: bool = False
+    seed: int = 42
+    threads: int = 0  # CPU threads per process (0: torch's default)
+    # bookkeeping
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 20
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2
+    resume: bool = False
+    loggers: list[str] = field(default_factory=list)  # tensorboard, wandb, swanlab (when installed)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            self.out = f"runs/{self.stage}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out)
+
+
+def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise MiniMindError(f"{source}: {name} must be a list")
+        return [str(v).strip() for v in items if str(v).strip()]
+    if isinstance(kind, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise MiniMindError(f"{source}: {name} must be true or false, not {value!r}")
+    try:
+        if kind is int and isinstance(value, str):
+            return int(float(value)) if "e" in value.lower() else int(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise MiniMindError(f"{source}: {name} must be {kind.__name__}, not {value!r}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> TrainConfig:
+    """Settings from a TOML file (flat keys, or grouped in tables whose names are ignored), then
+    `--key value` overrides (dashes or underscores), then `fixed`. Unknown keys are errors."""
+    hints = typing.get_type_hints(TrainConfig)
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise MiniMindError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise MiniMindError(f"{path}: invalid TOML ({e})") from None
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update(value)
+            else:
+                flat[key] = value
+        for key, value in flat.items():
+            if key not in hints:
+                raise MiniMindError(f"{path}: unknown setting {key!r}")
+            values[key] = _coerce(key, hints[key], value, str(path))
+    args = list(overrides or [])
+    while args:
+        flag = args.pop(0)
+        if not flag.startswith("--"):
+            raise MiniMindError(f"expected --key value, got {flag!r}")
+        key = flag[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif args and not args[0].startswith("--"):
+            value = args.pop(0)
+        elif key in hints and hints[key] is bool:
+            value = "true"
+        else:
+            raise MiniMindError(f"--{key} needs a value")
+        if key not in hints:
+            close = [k for k in hints if k.startswith(key[:3])]
+            raise MiniMindError(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        values[key] = _coerce(key, hints[key], value, f"--{key}")
+    values.update(fixed)
+    return TrainConfig(**values)
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The resolved settings, written into the run directory so a run can be repeated exactly."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, bool):
+            text = "true" if v else "false"
+        elif isinstance(v, (int, float)):
+            text = repr(v)
+        elif isinstance(v, list):
+            text = "[" + ", ".join(f'"{x}"' for x in v) + "]"
+        else:
+            text = '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,44 @@
+"""Pretraining: next-token prediction on packed rows of raw text. Also the base of every language-model
+stage (SFT only changes the data). `minimind train pretrain --config configs/tiny_pretrain.toml`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from minimind.data.pack import pack
+
+from minimind.train.config import TrainConfig
+
+
+def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """Sum of next-token cross-entropies over the positions whose label is not -100, their count, and the
+    MoE load-balancing loss when the model has one."""
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+    extra = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
+    return loss, int((labels != -100).sum()), extra
+
+
+class PretrainStage:
+    kind = "pretrain"
+
+    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
+
+    def dataset(self, path: str):
+        return pack(path, self.tokenizer, self.kind, self.cfg.seq_len, cache_dir=self.cfg.cache_dir or None,
+                    workers=self.cfg.workers or None,
+                    skip_bad=self.cfg.skip_bad, progress=self.cfg.progress, seed=self.cfg.seed,
+                    **self.pack_options())
+
+    def pack_options(self) -> dict:
+        return {}
+
+    def collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
+        return {"input_ids": ids, "labels": ids}  # packed rows are full: every position is a target
+
+    loss = staticmethod(token_loss)

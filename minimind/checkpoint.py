@@ -161,3 +161,50 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device).eval()
+
+
+# ---- resume states -------------------------------------------------------------------------------------
+# runs/<name>/checkpoints/step_N/ holds what an exact resume needs; checkpoints/latest names the newest
+# complete one and is only rewritten after that directory is whole.
+
+LATEST = "latest"
+
+
+def save_resume(checkpoints: str | Path, step: int, model: MiniMindForCausalLM, trainer: dict[str, Any],
+                state: dict[str, Any], keep_last: int = 2) -> Path:
+    """Write checkpoints/step_N atomically, then point `latest` at it, then drop all but the last K."""
+    checkpoints = Path(checkpoints)
+    target = checkpoints / f"step_{step}"
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
+               if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        save_file(weights, tmp / WEIGHTS)  # full precision: the master weights, not a half-precision copy
+        torch.save(trainer, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2) + "\n")
+    with atomic_path(checkpoints / LATEST) as tmp:
+        tmp.write_text(target.name + "\n")
+    done = sorted((p for p in checkpoints.glob("step_*") if p.name.split("_")[1].isdigit()),
+                  key=lambda p: int(p.name.split("_")[1]))
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_resume(checkpoints: str | Path) -> Path | None:
+    pointer = Path(checkpoints) / LATEST
+    if not pointer.is_file():
+        return None
+    target = Path(checkpoints) / pointer.read_text().strip()
+    if not (target / "state.json").is_file():
+        raise MiniMindError(f"{pointer}: points at {target.name}, which is missing or incomplete")
+    return target
+
+
+def load_resume(target: str | Path, model: MiniMindForCausalLM) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into `model`; return (trainer dict: optimizer and RNG states, state.json)."""
+    target = Path(target)
+    load_weights(model, load_file(target / WEIGHTS), str(target / WEIGHTS))
+    trainer = torch.load(target / "trainer.pt", map_location="cpu", weights_only=True)
+    return trainer, json.loads((target / "state.json").read_text())

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from minimind.data.pack import pack
 
+from minimind.data.pack import pack
 from minimind.train.config import TrainConfig
 
 

@@ -132,6 +132,54 @@ def global_rows(n_rows: int, start: int, count: int, seed: int) -> list[int]:
     return out
 
 
+# ---- one optimizer step ------------------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel; weight decay on matrices only (not norms)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+
+
+def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro: list[Batch],
+               optimizer: torch.optim.Optimizer, grad_clip: float, device: torch.device, autocast,
+               scaler: torch.amp.GradScaler | None, d: Dist) -> tuple[float, float, dict[str, float]]:
+    """Forward and backward over the micro-batches, clip, step. Returns (mean loss per target token over
+    the global batch, gradient norm before clipping, stage extras averaged over micro-batches)."""
+    accum = len(micro)
+    n_tokens = d.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
+    loss_sum = 0.0
+    extras: dict[str, float] = {}
+    for m, batch in enumerate(micro):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+        ctx = net.no_sync() if (d.world > 1 and m < accum - 1) else nullcontext()
+        with ctx:
+            with autocast:
+                total_loss, _, extra = stage.loss(net, batch)
+            # DDP averages gradients over processes; scale by world so the result is sum / global tokens.
+            loss = total_loss * (d.world / max(n_tokens, 1))
+            for key, value in extra.items():
+                if key == "aux_loss":
+                    loss = loss + value / accum
+                extras[key] = extras.get(key, 0.0) + float(value) / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += float(total_loss.detach())
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return d.sum(loss_sum) / max(n_tokens, 1), grad_norm, extras
+
+
 # ---- the loop ----------------------------------------------------------------------------------------
 
 
@@ -195,11 +243,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    optimizer = make_optimizer(model, cfg, device)
 
     step, samples = 0, 0
     checkpoints = run / "checkpoints"
@@ -254,37 +298,11 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
         for m in range(accum):
             lo = (m * d.world + d.rank) * cfg.batch_size
             micro.append(stage.collate([data[i] for i in rows[lo:lo + cfg.batch_size]]))
-        n_tokens = d.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        extras: dict[str, float] = {}
-        for m, batch in enumerate(micro):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            sync_now = m == accum - 1 or d.world == 1
-            ctx = net.no_sync() if (d.world > 1 and not sync_now) else nullcontext()
-            with ctx:
-                with autocast:
-                    total_loss, _, extra = stage.loss(net, batch)
-                # DDP averages gradients over processes; scale by world so the result is sum / global tokens.
-                loss = total_loss * (d.world / max(n_tokens, 1))
-                for key, value in extra.items():
-                    if key == "aux_loss":
-                        loss = loss + value / accum
-                    extras[key] = extras.get(key, 0.0) + float(value) / accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            loss_sum += float(total_loss.detach())
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_loss, grad_norm, extras = train_step(net, model, stage, micro, optimizer, cfg.grad_clip, device,
+                                                   autocast, scaler, d)
         step += 1
         samples += rows_per_step
         tokens_since += rows_per_step * cfg.seq_len
-        train_loss = d.sum(loss_sum) / max(n_tokens, 1)
         bar.update(1)
 
         last = step == total

@@ -7,14 +7,14 @@ import argparse
 
 
 def cmd_builtin(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from minimind.data.builtin import write_builtin
 
-    from minimind.data.builtin import write_pretrain_jsonl
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = write_pretrain_jsonl(out / "pretrain.jsonl")
-    print(f"wrote {rows:,} pretraining documents to {out / 'pretrain.jsonl'}")
+    paths = write_builtin(args.out, seed=args.seed, pretrain_chars=args.pretrain_chars or None,
+                          sft_tasks=args.sft_tasks, heldout_tasks=args.heldout_tasks)
+    for path in paths.values():
+        with open(path, "rb") as f:
+            rows = sum(1 for _ in f)
+        print(f"wrote {path}: {rows:,} rows, {path.stat().st_size / 1e3:,.0f} kB")
 
 
 def cmd_check(args: argparse.Namespace) -> None:
@@ -50,6 +50,11 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         dest="action", required=True, metavar="ACTION")
     p = data.add_parser("builtin", help="write the built-in corpora as MiniMind-format JSONL")
     p.add_argument("--out", default="data", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, shuffling and generated tasks")
+    p.add_argument("--pretrain-chars", type=int, default=2_000_000,
+                   help="characters of pretraining text, half English, half Chinese (0: all, about 8M)")
+    p.add_argument("--sft-tasks", type=int, default=2000, help="generated tasks in sft.jsonl")
+    p.add_argument("--heldout-tasks", type=int, default=200, help="held-out task prompts in tasks_heldout.jsonl")
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
 

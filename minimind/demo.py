@@ -1,69 +1,134 @@
-"""`minimind demo`: what runs end to end today, on the built-in data, on a laptop CPU in about a minute.
-It trains the tokenizer, builds a tiny model, proves transformers loads it, and chats with it (untrained)."""
+"""`minimind demo`: the whole pipeline on the built-in data with the `tiny` preset, on a laptop CPU in about
+ten minutes: data -> tokenizer -> pretraining -> SFT -> evaluation -> sample chats -> runs/demo/report.md."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-import torch
-
-from minimind.chat import encode_chat
-from minimind.checkpoint import load_model, save_model
-from minimind.config import ModelConfig
-from minimind.data.builtin import write_pretrain_jsonl
+from minimind.chat import encode_chat, parse_assistant
+from minimind.checkpoint import load_model
+from minimind.data.builtin import write_builtin
+from minimind.eval.perplexity import score_texts
+from minimind.eval.probes import probe_accuracy
 from minimind.generation import SamplingParams, generate
-from minimind.model import MiniMindForCausalLM
-from minimind.tokenizer import chars_per_token, train_tokenizer
+from minimind.tokenizer import chars_per_token, load_tokenizer, train_tokenizer
+from minimind.train.config import TrainConfig
+from minimind.train.loop import train
+from minimind.train.pretrain import PretrainStage
+from minimind.train.sft import SFTStage
 
-HELD_OUT = {
-    "English": "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him. "
-               "The evil that men do lives after them; the good is oft interred with their bones.",
-    "Chinese": "新华社北京一月三日电，国务院新闻办公室今天举行新闻发布会，介绍今年经济工作的主要任务和政策措施。"
-               "这本书写得很好，内容丰富，推荐给大家。",
+# Sized for 2 CPU cores. The machine's speed varies a lot, so each stage gets a time budget (seconds) and
+# fits its number of steps to it (capped by the steps given). `quick` is for tests.
+FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=330, sft_steps=3000, sft_budget=240, seq_len=256,
+            batch=16, probes=300, data={})
+QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128, batch=8,
+             probes=24,
+             data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
+                       heldout_tasks=40, rl_tasks=50, dpo_pairs=50))
+
+CHATS = [
+    ("Who are you?", False),
+    ("你是谁？", False),
+    ("What is 47 + 385?", True),
+    ("计算 63 * 7 等于多少？", True),
+    ("Convert 3 kilometers to meters.", False),
+    ("Hello! How are you today?", False),
+]
+HELD_OUT_TEXT = {
+    "English": "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
+    "Chinese": "新华社北京一月三日电，国务院新闻办公室今天举行新闻发布会，介绍今年经济工作的主要任务。",
 }
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def run_demo(out: Path, quick: bool = False) -> None:
+    size = QUICK if quick else FULL
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["# MiniMind demo", ""]
+    report = ["# MiniMind demo", ""]
 
-    def say(text: str) -> None:
-        print(text)
-        lines.append(text)
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        report.append(text)
 
-    corpus = out / "data" / "pretrain.jsonl"
-    corpus.parent.mkdir(parents=True, exist_ok=True)
-    rows = write_pretrain_jsonl(corpus, max_chars=300_000 if quick else 4_000_000)
-    say(f"1. Wrote {rows:,} built-in documents (Shakespeare; People's Daily 1998 and reviews) to {corpus}")
+    def stage_time(label: str, t0: float) -> None:
+        say(f"   ({label} took {time.perf_counter() - t0:.0f} s)")
 
-    vocab = 1200 if quick else 6400
-    tokenizer = train_tokenizer([corpus], vocab_size=vocab, out_dir=out / "tokenizer", progress=not quick)
-    say(f"2. Trained a {len(tokenizer):,}-token byte-level BPE tokenizer -> {out / 'tokenizer'}")
-    for lang, text in HELD_OUT.items():
-        say(f"   {lang}: {chars_per_token(tokenizer, text):.2f} characters per token on held-out text")
+    say("## 1. Built-in data")
+    files = write_builtin(out / "data", seed=0, **size["data"])
+    for name, path in files.items():
+        say(f"- {name}: `{path}` ({sum(1 for _ in open(path, encoding='utf-8')):,} rows)")
 
-    cfg = ModelConfig.preset("tiny", vocab_size=len(tokenizer))
-    torch.manual_seed(0)
-    model_dir = save_model(MiniMindForCausalLM(cfg), out / "model", tokenizer)
-    say(f"3. Saved a randomly initialised `tiny` model ({cfg.num_parameters():,} parameters) -> {model_dir}")
+    say("\n## 2. Tokenizer")
+    t0 = time.perf_counter()
+    tok_dir = out / "tokenizer"
+    tokenizer = train_tokenizer([files["pretrain"], files["sft"]], vocab_size=size["vocab"], out_dir=tok_dir,
+                                progress=False)
+    say(f"- {len(tokenizer):,}-token byte-level BPE -> `{tok_dir}`")
+    for lang, text in HELD_OUT_TEXT.items():
+        say(f"- {lang}: {chars_per_token(tokenizer, text):.2f} characters per token on held-out text")
+    stage_time("tokenizer", t0)
 
-    from transformers import AutoModelForCausalLM
+    common = dict(seq_len=size["seq_len"], batch_size=size["batch"], workers=1, progress=not quick,
+                  log_every=25 if not quick else 10, keep_last=1)
+    say("\n## 3. Pretraining")
+    t0 = time.perf_counter()
+    pre_dir = train(TrainConfig(stage="pretrain", out=str(out / "pretrain"), data=str(files["pretrain"]),
+                                val_data=str(files["pretrain_val"]), preset="tiny", tokenizer=str(tok_dir),
+                                steps=size["pretrain_steps"], time_budget=size["pretrain_budget"], lr=2e-3,
+                                warmup_steps=20, **common), PretrainStage)
+    say(f"- model -> `{pre_dir}`; loss curve `{out / 'pretrain' / 'loss.png'}`")
+    stage_time("pretraining", t0)
 
-    model = load_model(model_dir)
-    theirs = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([tokenizer.encode(HELD_OUT["English"])])
-    with torch.no_grad():
-        diff = (model(ids).logits - theirs(ids).logits).abs().max().item()
-    say(f"4. transformers loads it as {type(theirs).__name__}; max |logit difference| = {diff:.1e}")
+    say("\n## 4. Supervised fine-tuning")
+    t0 = time.perf_counter()
+    sft_dir = train(TrainConfig(stage="sft", out=str(out / "sft"), data=str(files["sft"]),
+                                val_data=str(files["sft_val"]), init_from=str(pre_dir), steps=size["sft_steps"],
+                                time_budget=size["sft_budget"], lr=1e-3, warmup_steps=10, **common), SFTStage)
+    say(f"- model -> `{sft_dir}`; loss curve `{out / 'sft' / 'loss.png'}`")
+    stage_time("SFT", t0)
 
-    prompt, _ = encode_chat(tokenizer, [{"role": "user", "content": "Who are you?"}], add_generation_prompt=True)
-    reply = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=32, temperature=0.85, seed=0))[0]
-    say("5. The untrained model answers 'Who are you?' with noise, as it should before training:")
-    say(f"   {reply.text!r}")
-    say("")
-    say("Training (pretrain, SFT) is not built yet, so this model has learned nothing. Chat with it anyway:")
-    say(f"   .venv/bin/minimind chat --model {model_dir}")
-    say(f"Done in {time.perf_counter() - start:.0f} s.")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    say("\n## 5. Evaluation")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(sft_dir), load_tokenizer(sft_dir)
+    val_pre, val_sft = last_val_loss(out / "pretrain"), last_val_loss(out / "sft")
+    texts = [r["text"] for r in read_jsonl(files["pretrain_val"])][:200 if not quick else 10]
+    bpb = score_texts(load_model(pre_dir), tokenizer, texts, seq_len=size["seq_len"]).bits_per_byte
+    tasks = [r for r in read_jsonl(files["tasks_heldout"]) if r.get("task") != "calculator"][:size["probes"]]
+    probes = probe_accuracy(model, tokenizer, tasks, enable_thinking=True)
+    say("| measure | value |")
+    say("|---|---|")
+    say(f"| pretraining validation loss (nats/token) | {val_pre:.3f} |")
+    say(f"| bits per byte, held-out text (pretrained model) | {bpb:.3f} |")
+    say(f"| SFT validation loss (nats/token, assistant tokens) | {val_sft:.3f} |")
+    say(f"| held-out task accuracy (greedy, thinking on) | {probes.accuracy:.1%} ({probes.correct}/{probes.total}) |")
+    for family, acc in probes.family_accuracy().items():
+        n = probes.by_family[family][1]
+        say(f"| - {family} | {acc:.1%} of {n} |")
+    stage_time("evaluation", t0)
+
+    say("\n## 6. Sample chats (greedy)")
+    for question, think in CHATS:
+        ids, _ = encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True,
+                             enable_thinking=think)
+        text = generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=120, temperature=0))[0].text
+        reply = parse_assistant(("<think>\n" if think else "") + text)
+        say(f"\n**user:** {question}" + (" (thinking on)" if think else ""))
+        if reply["reasoning_content"]:
+            say(f"> thinking: {reply['reasoning_content']!r}")
+        say(f"**minimind:** {reply['content']}")
+
+    say(f"\nDone in {time.perf_counter() - start:.0f} s. Chat with it: `.venv/bin/minimind chat --model {sft_dir}`")
+    (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
+    print(f"report: {out / 'report.md'}")
+
+
+def last_val_loss(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    values = [r["val_loss"] for r in rows if "val_loss" in r]
+    return values[-1] if values else float("nan")

@@ -168,3 +168,63 @@ def test_ddp_two_processes_match_one_and_resume_across_world_sizes(corpus, tmp_p
     assert "1 process(es) then, 2 now" in proc.stdout
     run_cli("train", "pretrain", *settings(corpus, tmp_path / "ref", **longer))
     assert losses(tmp_path / "one")[-3:] == pytest.approx(losses(tmp_path / "ref")[-3:], rel=1e-4)
+
+
+def test_time_budget_shortens_the_run(corpus, tmp_path):
+    run = tmp_path / "budget"
+    train(load_config(None, settings(corpus, run, steps=100000, time_budget=4), stage="pretrain"), PretrainStage)
+    steps = metric(run, "loss")
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    done = int(latest.split("_")[1])
+    assert 4 <= done < 100000 and len(steps) == done
+    state = json.loads((run / "checkpoints" / latest / "state.json").read_text())
+    assert state["total"] == done
+
+
+def test_demo_quick_runs_the_whole_pipeline(tmp_path):
+    proc = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    report = (tmp_path / "demo" / "report.md").read_text()
+    for part in ("Tokenizer", "Pretraining", "Supervised fine-tuning", "bits per byte", "held-out task accuracy",
+                 "Sample chats"):
+        assert part in report, part
+    assert (tmp_path / "demo" / "sft" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_lines_stop_training_unless_skipped(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (corpus / "pretrain.jsonl").read_text().splitlines()
+    bad.write_text("\n".join(good[:50] + ['{"text": 5}'] + good[50:]) + "\n")
+    proc = run_cli("train", "pretrain", *settings(corpus, tmp_path / "r1", data=bad, steps=2), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}:51:" in proc.stderr and "--skip-bad" in proc.stderr
+    proc = run_cli("train", "pretrain", *settings(corpus, tmp_path / "r2", data=bad, steps=2, skip_bad="true"))
+    assert "skipped 1 bad lines" in proc.stdout
+
+
+def test_sft_learns_only_the_assistant_turns(corpus, tokenizer, tmp_path):
+    from minimind.chat import encode_chat
+    from minimind.train.sft import SFTStage
+
+    chats = [[{"role": "user", "content": f"What is {a} + {a}?"},
+              {"role": "assistant", "content": f"The answer is {2 * a}.", "reasoning_content": f"{a} + {a}"}]
+             for a in range(40)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"conversations": c}) for c in chats) + "\n")
+    cfg = load_config(None, settings(corpus, tmp_path / "sft", data=data, steps=30, seq_len=64), stage="sft")
+    stage = SFTStage(cfg, tokenizer)
+    rows = stage.dataset(str(data))
+    batch = stage.collate([rows[0], rows[1]])
+    for i in range(2):
+        ids, mask = encode_chat(tokenizer, chats[i])
+        assert rows[i][0].tolist() == ids and rows[i][1].tolist() == mask
+        n = len(ids)
+        assert batch["input_ids"][i, :n].tolist() == ids
+        trained = [t for t, m in zip(ids, mask) if m]
+        assert batch["labels"][i, :n][batch["labels"][i, :n] != -100].tolist() == trained
+        assert tokenizer.decode(trained).endswith("<|im_end|>") and "What is" not in tokenizer.decode(trained)
+        assert (batch["labels"][i, n:] == -100).all()
+    train(cfg, SFTStage)
+    curve = losses(tmp_path / "sft")
+    assert curve[-1] < 0.5 * curve[0]

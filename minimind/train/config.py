@@ -39,6 +39,7 @@ class TrainConfig:
     global_batch_tokens: int = 0  # tokens per optimizer step over all processes (0: batch_size * seq_len * world)
     steps: int = 0  # optimizer steps (0: derived from epochs)
     epochs: float = 1.0
+    time_budget: float = 0.0  # seconds: if set, the run shortens itself to fit (measured after 4 steps)
     lr: float = 5e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0  # 0: 2% of the steps

@@ -260,6 +260,8 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
             if device.type == "cuda" and "cuda" in trainer["rng"]:
                 torch.cuda.set_rng_state(trainer["rng"]["cuda"], device)
         step, samples = state["step"], state["samples"]
+        if cfg.time_budget:
+            total = state.get("total", total)  # a time-budgeted run keeps the length it settled on
         say(f"resumed from {target} (step {step}, {samples:,} rows seen, {state['world_size']} process(es) then, "
             f"{d.world} now)")
     elif d.main:
@@ -289,7 +291,16 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     model.train()
     bar = progress_bar(total, step, d.main, cfg.progress)
     t_last, tokens_since, start_step = time.perf_counter(), 0, step
+    t_start, step_ends, planned = t_last, [], total
     while step < total:
+        if cfg.time_budget and not cfg.resume and len(step_ends) >= 4 and step % 5 == 0:
+            # Fit the run to its time budget from the pace of the last few steps (this machine's speed
+            # drifts); the cosine schedule then decays over the steps that remain.
+            recent = step_ends[-11:]
+            per_step = (recent[-1] - recent[0]) / (len(recent) - 1)
+            left = cfg.time_budget - (time.perf_counter() - t_start)
+            total = max(step + 1, min(planned, step + int(left / per_step)))
+            bar.set_total(total)
         lr = learning_rate(cfg, step, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -302,6 +313,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
                                                    autocast, scaler, d)
         step += 1
         samples += rows_per_step
+        step_ends.append(time.perf_counter())
         tokens_since += rows_per_step * cfg.seq_len
         bar.update(1)
 
@@ -333,7 +345,8 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
                 if scaler:
                     trainer["scaler"] = scaler.state_dict()
                 save_resume(checkpoints, step, model, trainer,
-                            {"samples": samples, "world_size": d.world, "stage": cfg.stage}, cfg.keep_last)
+                            {"samples": samples, "total": total, "world_size": d.world, "stage": cfg.stage},
+                            cfg.keep_last)
             d.barrier()
     bar.close()
     out = run / "model"
@@ -388,6 +401,11 @@ class progress_bar:  # noqa: N801 - used like tqdm
     def update(self, n: int) -> None:
         if self.bar:
             self.bar.update(n)
+
+    def set_total(self, total: int) -> None:
+        if self.bar:
+            self.bar.total = total
+            self.bar.refresh()
 
     def write(self, text: str) -> None:
         if self.bar:

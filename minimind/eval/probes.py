@@ -1,0 +1,56 @@
+"""Accuracy on generated tasks with known answers (the built-in held-out probes): batched greedy generation,
+then the final answer is extracted and compared. `probe_accuracy(model, tok, rows, enable_thinking=True)`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from minimind.chat import encode_chat
+from minimind.data.tasks import is_correct, prompt_row
+from minimind.generation import SamplingParams, generate
+from minimind.model import MiniMindForCausalLM
+
+
+@dataclass
+class ProbeResult:
+    correct: int = 0
+    total: int = 0
+    by_family: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    samples: list[dict] = field(default_factory=list)  # question, generated text, expected, correct
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+    def family_accuracy(self) -> dict[str, float]:
+        return {k: c / max(n, 1) for k, (c, n) in sorted(self.by_family.items())}
+
+
+def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool = False,
+                   max_new_tokens: int = 128, batch_size: int = 32) -> ProbeResult:
+    """Greedy answers to each task's prompt (its conversation up to the last user turn)."""
+    result = ProbeResult()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo:lo + batch_size]
+        prompts = []
+        for row in chunk:
+            prompt = prompt_row(row)
+            ids, _ = encode_chat(tokenizer, prompt["conversations"], tools=prompt.get("tools"),
+                                 add_generation_prompt=True, enable_thinking=enable_thinking)
+            prompts.append(ids)
+        for row, out in zip(chunk, generate(model, tokenizer, prompts, params)):
+            text = ("<think>\n" if enable_thinking else "") + out.text
+            ok = is_correct(row, text)
+            family = row.get("task", "task")
+            result.correct += ok
+            result.total += 1
+            result.by_family[family][0] += ok
+            result.by_family[family][1] += 1
+            if len(result.samples) < 200:
+                question = next(m["content"] for m in reversed(prompt_row(row)["conversations"]) if m["role"] == "user")
+                result.samples.append({"family": family, "question": question, "output": out.text,
+                                       "expected": row.get("answer"), "correct": ok})
+    return result

@@ -16,6 +16,7 @@ from minimind.chat import parse_assistant
 
 FAMILIES: tuple[str, ...] = ("arithmetic", "counting", "units", "identity", "calculator")
 SPLITS = ("train", "heldout")
+REASONING_FAMILIES = ("arithmetic", "counting", "units")  # their replies carry worked steps as thinking
 # A problem's split is a hash of its canonical form (operands, word, ...), not of the seed or the phrasing,
 # so no seed and no rewording can bring a held-out problem into training.
 HELDOUT_PERCENT = 10

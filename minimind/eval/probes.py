@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from minimind.chat import encode_chat
-from minimind.data.tasks import is_correct, prompt_row
+from minimind.data.tasks import REASONING_FAMILIES, is_correct, prompt_row
 from minimind.generation import SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
 
@@ -28,21 +28,24 @@ class ProbeResult:
         return {k: c / max(n, 1) for k, (c, n) in sorted(self.by_family.items())}
 
 
-def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool = False,
+def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool | None = None,
                    max_new_tokens: int = 128, batch_size: int = 32) -> ProbeResult:
-    """Greedy answers to each task's prompt (its conversation up to the last user turn)."""
+    """Greedy answers to each task's prompt (its conversation up to the last user turn). enable_thinking=None
+    thinks on the families whose training replies carry worked steps, as the model was taught."""
     result = ProbeResult()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo:lo + batch_size]
-        prompts = []
+        prompts, thinking = [], []
         for row in chunk:
             prompt = prompt_row(row)
+            think = row.get("task") in REASONING_FAMILIES if enable_thinking is None else enable_thinking
             ids, _ = encode_chat(tokenizer, prompt["conversations"], tools=prompt.get("tools"),
-                                 add_generation_prompt=True, enable_thinking=enable_thinking)
+                                 add_generation_prompt=True, enable_thinking=think)
             prompts.append(ids)
-        for row, out in zip(chunk, generate(model, tokenizer, prompts, params)):
-            text = ("<think>\n" if enable_thinking else "") + out.text
+            thinking.append(think)
+        for row, think, out in zip(chunk, thinking, generate(model, tokenizer, prompts, params)):
+            text = ("<think>\n" if think else "") + out.text
             ok = is_correct(row, text)
             family = row.get("task", "task")
             result.correct += ok

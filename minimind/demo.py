@@ -83,7 +83,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
                                 val_data=str(files["pretrain_val"]), preset="tiny", tokenizer=str(tok_dir),
                                 steps=size["pretrain_steps"], time_budget=size["pretrain_budget"], lr=2e-3,
                                 warmup_steps=20, **common), PretrainStage)
-    say(f"- model -> `{pre_dir}`; loss curve `{out / 'pretrain' / 'loss.png'}`")
+    say(f"- model -> `{pre_dir}`\n\n![pretraining loss](pretrain/loss.png)")
     stage_time("pretraining", t0)
 
     say("\n## 4. Supervised fine-tuning")
@@ -91,7 +91,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
     sft_dir = train(TrainConfig(stage="sft", out=str(out / "sft"), data=str(files["sft"]),
                                 val_data=str(files["sft_val"]), init_from=str(pre_dir), steps=size["sft_steps"],
                                 time_budget=size["sft_budget"], lr=1e-3, warmup_steps=10, **common), SFTStage)
-    say(f"- model -> `{sft_dir}`; loss curve `{out / 'sft' / 'loss.png'}`")
+    say(f"- model -> `{sft_dir}`\n\n![SFT loss](sft/loss.png)")
     stage_time("SFT", t0)
 
     say("\n## 5. Evaluation")

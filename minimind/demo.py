@@ -23,7 +23,7 @@ from minimind.train.sft import SFTStage
 # fits its number of steps to it (capped by the steps given). SFT gets the larger share: the measured
 # skills (worked arithmetic, counting, units, identity) are taught there. `quick` is for tests.
 FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=200, sft_steps=5000, sft_budget=400, seq_len=256,
-            batch=16, probes=300, data=dict(sft_tasks=8000))
+            batch=16, probes=300, data=dict(sft_tasks=8000, pretrain_tasks=12000))
 QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128, batch=8,
              probes=24,
              data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
@@ -90,7 +90,7 @@ def run_demo(out: Path, quick: bool = False) -> None:
     t0 = time.perf_counter()
     sft_dir = train(TrainConfig(stage="sft", out=str(out / "sft"), data=str(files["sft"]),
                                 val_data=str(files["sft_val"]), init_from=str(pre_dir), steps=size["sft_steps"],
-                                time_budget=size["sft_budget"], lr=1e-3, warmup_steps=10, **common), SFTStage)
+                                time_budget=size["sft_budget"], lr=2e-3, warmup_steps=10, **common), SFTStage)
     say(f"- model -> `{sft_dir}`\n\n![SFT loss](sft/loss.png)")
     stage_time("SFT", t0)
 

@@ -278,31 +278,46 @@ def _sft(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "answer"}
 
 
+def _task_text(task: dict) -> str:
+    """A task as plain text: the user's question, the worked steps, the reply (tool turns left out)."""
+    parts = []
+    for m in task["conversations"]:
+        if m["role"] in ("user", "assistant") and not m.get("tool_calls"):
+            parts += [m.get("reasoning_content") or "", m["content"]]
+    return "\n".join(p for p in parts if p)
+
+
 def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None = 2_000_000,
                   pretrain_val_chars: int = 100_000, sft_tasks: int = 2000, val_tasks: int = 100,
                   heldout_tasks: int = 200, rl_tasks: int = 1000, dpo_pairs: int = 500,
-                  dialogue_val_fraction: float = 0.05) -> dict[str, Path]:
+                  dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0) -> dict[str, Path]:
     """Write every built-in data file into `out_dir`, deterministic for `seed`; returns {name: path}.
 
     pretrain / pretrain_val: Shakespeare scenes and Chinese news / reviews (val documents never in pretrain).
     sft / sft_val: chatterbot dialogues and generated tasks (sft_val: held-out dialogues and held-out tasks).
     tasks_heldout: held-out task prompts with their `answer`, for accuracy (never in any training file).
     rl: training-split task prompts with answers (GRPO / agent). dpo: chosen = correct reply, rejected = a
-    wrong answer (or, for calculator tasks, an answer without calling the tool)."""
+    wrong answer (or, for calculator tasks, an answer without calling the tool). pretrain_tasks: that many
+    training-split tasks also go into pretrain as plain text (question, worked steps, answer), so a small
+    model meets digits and copying before SFT."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl"
              for name in ("pretrain", "pretrain_val", "sft", "sft_val", "tasks_heldout", "rl", "dpo")}
 
+    train, heldout = heldout_split(sft_tasks + rl_tasks + dpo_pairs + pretrain_tasks, val_tasks + heldout_tasks,
+                                   seed)
     train_docs, val_docs = split_documents(seed, pretrain_chars, pretrain_val_chars)
-    _write_jsonl(paths["pretrain"], ({"text": t} for t in train_docs))
+    task_docs = [_task_text(r) for r in train[len(train) - pretrain_tasks:]] if pretrain_tasks else []
+    mixed = train_docs + task_docs
+    random.Random(f"minimind-pretrain/{seed}").shuffle(mixed)
+    _write_jsonl(paths["pretrain"], ({"text": t} for t in mixed))
     _write_jsonl(paths["pretrain_val"], ({"text": t} for t in val_docs))
 
     dialogues = [{"conversations": c} for c in chatterbot_conversations()]
     rng = random.Random(f"minimind-sft/{seed}")
     rng.shuffle(dialogues)
     n_val = round(len(dialogues) * dialogue_val_fraction)
-    train, heldout = heldout_split(sft_tasks + rl_tasks + dpo_pairs, val_tasks + heldout_tasks, seed)
     sft = dialogues[n_val:] + [_sft(r) for r in train[:sft_tasks]]
     sft_val = dialogues[:n_val] + [_sft(r) for r in heldout[:val_tasks]]
     rng.shuffle(sft)

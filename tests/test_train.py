@@ -210,11 +210,16 @@ def test_sft_learns_only_the_assistant_turns(corpus, tokenizer, tmp_path):
     chats = [[{"role": "user", "content": f"What is {a} + {a}?"},
               {"role": "assistant", "content": f"The answer is {2 * a}.", "reasoning_content": f"{a} + {a}"}]
              for a in range(40)]
+    # The last chat's question fills the whole context: it has no assistant token left and must be skipped.
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
     data = tmp_path / "sft.jsonl"
-    data.write_text("\n".join(json.dumps({"conversations": c}) for c in chats) + "\n")
+    data.write_text("\n".join(json.dumps({"conversations": c}) for c in chats + [long]) + "\n")
     cfg = load_config(None, settings(corpus, tmp_path / "sft", data=data, steps=30, seq_len=64), stage="sft")
     stage = SFTStage(cfg, tokenizer)
     rows = stage.dataset(str(data))
+    assert (len(rows), rows.skipped, len(rows.data)) == (40, 1, 41)
+    per_row = rows.data.loss_tokens_per_row(rows_per_chunk=7)  # chunk edges inside the data
+    assert per_row.tolist() == [int(rows.data[i][1].sum()) for i in range(41)] and per_row[-1] == 0
     batch = stage.collate([rows[0], rows[1]])
     for i in range(2):
         ids, mask = encode_chat(tokenizer, chats[i])

@@ -146,6 +146,19 @@ class PackedDataset:
         mask = None if self._mask is None else np.array(self._mask[start:end])
         return ids, mask
 
+    def loss_tokens_per_row(self, rows_per_chunk: int = 100_000) -> np.ndarray:
+        """How many loss-carrying tokens each row has (SFT), read in chunks so a large file stays cheap."""
+        if self._mask is None:
+            return np.diff(np.asarray(self._index)).astype(np.int64)
+        index = np.asarray(self._index, dtype=np.int64)
+        out = np.empty(len(self), dtype=np.int64)
+        for lo in range(0, len(self), rows_per_chunk):
+            hi = min(len(self), lo + rows_per_chunk)
+            base = index[lo]
+            sums = np.concatenate([[0], np.cumsum(self._mask[base:index[hi]], dtype=np.int64)])
+            out[lo:hi] = sums[index[lo + 1:hi + 1] - base] - sums[index[lo:hi] - base]
+        return out
+
     def __repr__(self) -> str:
         return f"PackedDataset({str(self.path)!r}, kind={self.kind!r}, seq_len={self.seq_len}, rows={len(self)})"
 

@@ -3,14 +3,39 @@ tool calls and closing <|im_end|>). `minimind train sft --config configs/tiny_sf
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from minimind.train.pretrain import PretrainStage
 
 
+class RowsWithLoss:
+    """The rows of a packed SFT set that carry loss. A conversation cut off by seq_len before its first
+    assistant token would cost a forward and backward pass and teach nothing."""
+
+    def __init__(self, data) -> None:
+        self.data, self.stats = data, data.stats
+        self.rows = np.flatnonzero(data.loss_tokens_per_row() > 0)
+        self.skipped = len(data) - len(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.data[int(self.rows[i])]
+
+
 class SFTStage(PretrainStage):
     kind = "sft"
+
+    def dataset(self, path: str):
+        data = RowsWithLoss(super().dataset(path))
+        if data.skipped and int(os.environ.get("RANK", "0")) == 0:
+            print(f"{path}: {data.skipped:,} of {len(data.data):,} rows have no assistant token within seq_len "
+                  f"{self.cfg.seq_len}; training skips them", flush=True)
+        return data
 
     def pack_options(self) -> dict:
         return {"system_prompt_prob": self.cfg.system_prompt_prob,

@@ -314,7 +314,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
         step += 1
         samples += rows_per_step
         step_ends.append(time.perf_counter())
-        tokens_since += rows_per_step * cfg.seq_len
+        tokens_since += sum(b["input_ids"].numel() for b in micro) * d.world  # SFT rows are padded per batch
         bar.update(1)
 
         last = step == total
@@ -326,7 +326,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
             record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
                       "tokens_per_s": round(tps, 1), "mfu": round(tps * fpt / peak, 4),
                       **{k: round(v, 6) for k, v in extras.items()}}
-            eta = (total - step) * rows_per_step * cfg.seq_len / max(tps, 1e-9)
+            eta = (total - step) * (now - t_start) / max(step - start_step, 1)
             bar.write(f"step {step}/{total} | loss {train_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
                       f"{tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_seconds(eta)}")
             if loggers:

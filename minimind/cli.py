@@ -68,9 +68,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not ids:
         raise MiniMindError("the prompt is empty")
     result = Completion()
-    for piece in stream(model, tokenizer, ids, sampling_from(args), result):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        for piece in stream(model, tokenizer, ids, sampling_from(args), result):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except ValueError as e:  # e.g. the prompt does not fit the context
+        raise MiniMindError(str(e)) from None
     sys.stdout.write("\n")
 
 
@@ -124,6 +127,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(reset + " [stopped]")
+        except ValueError as e:  # a message too long for the context: say so and keep the session
+            sys.stdout.write(f"{reset}[error: {e}]\n")
+            continue
         seconds = time.perf_counter() - start
         n = len(result.token_ids)
         sys.stdout.write(f"{reset}\n{dim}[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]{reset}\n")

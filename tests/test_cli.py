@@ -67,9 +67,10 @@ def test_generate_prints_only_the_generated_text(model_dir, tokenizer):
 
 def test_chat_session_over_stdin(model_dir):
     proc = run("chat", "--model", str(model_dir), "--max-new-tokens", "6", "--temperature", "0",
-               stdin="hello there\n/clear\nsecond question\n")
+               stdin="hello there\n/clear\n" + "word " * 600 + "\nsecond question\n")
     assert proc.stdout.count("tokens/s]") == 2
     assert "(conversation cleared)" in proc.stdout
+    assert "[error: prompt" in proc.stdout and "exceeds the model's context" in proc.stdout  # and the chat went on
     assert "Traceback" not in proc.stderr
 
 
@@ -108,6 +109,7 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_going(model_dir, monkeypatch, ca
     (("init", "--preset", "huge", "--tokenizer", "{model}", "--out", "{tmp}/x"), "unknown preset 'huge'"),
     (("init", "--tokenizer", "{tmp}", "--out", "{tmp}/x"), "tokenizer.json"),
     (("tokenizer", "train", "--data", "{tmp}/missing.txt", "--out", "{tmp}/t"), "missing.txt: file not found"),
+    (("generate", "--model", "{model}", "--prompt", "word " * 600), "exceeds the model's context of 512 tokens"),
 ])
 def test_bad_input_is_one_clear_line(args, message, model_dir, tmp_path):
     args = [a.format(model=model_dir, tmp=tmp_path) for a in args]

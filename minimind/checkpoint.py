@@ -18,11 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from minimind import MiniMindError
 from minimind.config import ModelConfig
+from minimind.device import DTYPES
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import save_tokenizer
 
 WEIGHTS = "model.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @contextmanager
@@ -44,11 +44,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer: Any = None,

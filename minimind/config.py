@@ -3,7 +3,6 @@ from a transformers `config.json` (model_type qwen3, qwen3_moe or llama). `Model
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -245,10 +244,6 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise MiniMindError(f"{path}: expected a JSON object")
         return cls.from_hf_dict(data, source=str(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def _first(value: Any, default: int) -> int:
     """transformers allows a list of eos ids; we keep the first."""

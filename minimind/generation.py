@@ -47,7 +47,6 @@ class Sampler:
     """Picks the next token for each row, each row with its own settings (a batch may mix requests)."""
 
     def __init__(self, params: list[SamplingParams], vocab_size: int, device: torch.device) -> None:
-        self.params = params
         col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(p, name) for p in params], dtype=dtype, device=device)[:, None]
         self.temperature, self.top_p, self.min_p = col("temperature"), col("top_p"), col("min_p")
@@ -154,7 +153,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 @torch.inference_mode()
 def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
-           stop_ids: set[int], use_cache: bool = True) -> Iterator[torch.Tensor]:
+           use_cache: bool = True) -> Iterator[torch.Tensor]:
     """The decoding loop: yields one new token per row per step ([B] tensor), finished rows included
     (the caller decides when a row is done and stops iterating when all are). With use_cache=False every
     step recomputes the whole sequence, which tests use as the reference."""
@@ -207,7 +206,7 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
         r.finish_reason = None if a else "length"
     if not any(active):
         return
-    for step, tokens in enumerate(decode(model, prompts, params, stops, use_cache)):
+    for step, tokens in enumerate(decode(model, prompts, params, use_cache)):
         for i, t in enumerate(tokens.tolist()):
             if not active[i]:
                 continue

@@ -110,11 +110,6 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (drop finished sequences)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
-
 
 # ---- blocks -------------------------------------------------------------------------------------
 

@@ -57,3 +57,34 @@ def tokenizer(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     (d / "corpus.txt").write_text("\n".join(CORPUS * 50), encoding="utf-8")
     return train_tokenizer([d / "corpus.txt"], vocab_size=400, out_dir=d / "out", progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The built-in data files at a test-sized scale ({name: path}, see minimind.data.builtin)."""
+    from minimind.data.builtin import write_builtin
+
+    return write_builtin(tmp_path_factory.mktemp("builtin"), seed=0, pretrain_chars=200_000,
+                         pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20, heldout_tasks=40, rl_tasks=50,
+                         dpo_pairs=50)
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tmp_path_factory, demo_data):
+    """A `tiny` model briefly pretrained and fine-tuned on the built-in data: a real model directory (with
+    tokenizer) for the stages, servers and exporters that start from one. It has learnt the chat format,
+    not the tasks."""
+    from minimind.tokenizer import train_tokenizer
+    from minimind.train.config import TrainConfig
+    from minimind.train.loop import train
+    from minimind.train.pretrain import PretrainStage
+    from minimind.train.sft import SFTStage
+
+    root = tmp_path_factory.mktemp("sft_model")
+    train_tokenizer([demo_data["pretrain"], demo_data["sft"]], vocab_size=800, out_dir=root / "tokenizer",
+                    progress=False)
+    common = dict(seq_len=128, batch_size=8, workers=1, progress=False, log_every=100, lr=2e-3, warmup_steps=5)
+    pre = train(TrainConfig(stage="pretrain", out=str(root / "pretrain"), data=str(demo_data["pretrain"]),
+                            preset="tiny", tokenizer=str(root / "tokenizer"), steps=30, **common), PretrainStage)
+    return train(TrainConfig(stage="sft", out=str(root / "sft"), data=str(demo_data["sft"]), init_from=str(pre),
+                             steps=40, **common), SFTStage)

@@ -9,10 +9,10 @@ import unicodedata
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
 from minimind import MiniMindError
 from minimind.chat import parse_assistant
+from minimind.tools import CALCULATOR_TOOL, calculator  # noqa: F401 - the tool rows call it
 
 FAMILIES: tuple[str, ...] = ("arithmetic", "counting", "units", "identity", "calculator")
 SPLITS = ("train", "heldout")
@@ -23,18 +23,6 @@ HELDOUT_PERCENT = 10
 DEDUPE_TRIES = 200  # draws spent looking for an unseen question before a (small) family may repeat one
 SPLIT_TRIES = 5000  # draws without a single problem of the wanted split means the family cannot supply it
 
-CALCULATOR_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": "Evaluate an arithmetic expression with + - * / and parentheses.",
-        "parameters": {
-            "type": "object",
-            "properties": {"expression": {"type": "string", "description": "for example 23*45"}},
-            "required": ["expression"],
-        },
-    },
-}
 
 # Fixed phrasing per language: a ~5M-parameter model learns a template in minutes, variety in hours.
 TEXT = {
@@ -423,74 +411,3 @@ def is_correct(task: dict, generated_text: str) -> bool:
             return False
         return abs(float(_plain_number(got)) - float(_plain_number(expected))) < 1e-6
     return expected.lower() in _visible(generated_text).lower()
-
-
-# ---------------------------------------------------------------------------------------------- the tool
-
-_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|(.))")
-MAX_EXPRESSION = 200
-
-
-def calculator(expression: str) -> str:
-    """The `calculator` tool: + - * / and parentheses on decimal numbers, parsed by hand (model output is
-    data, never code). Returns the result as text, or "error: ..." for anything else."""
-    expression = unicodedata.normalize("NFKC", expression).replace("×", "*").replace("÷", "/").strip()
-    if not expression or len(expression) > MAX_EXPRESSION:
-        return f"error: expression must be 1-{MAX_EXPRESSION} characters"
-    tokens = [m.group(1) or m.group(2) for m in _TOKEN_RE.finditer(expression) if (m.group(1) or m.group(2)).strip()]
-    pos = 0
-
-    def peek() -> str | None:
-        return tokens[pos] if pos < len(tokens) else None
-
-    def take() -> str:
-        nonlocal pos
-        pos += 1
-        return tokens[pos - 1]
-
-    def expr() -> Fraction:
-        value = term()
-        while peek() in ("+", "-"):
-            value = value + term() if take() == "+" else value - term()
-        return value
-
-    def term() -> Fraction:
-        value = factor()
-        while peek() in ("*", "/"):
-            if take() == "*":
-                value *= factor()
-            else:
-                divisor = factor()
-                if divisor == 0:
-                    raise ValueError("division by zero")
-                value /= divisor
-        return value
-
-    def factor() -> Fraction:
-        token = peek()
-        if token in ("+", "-"):
-            take()
-            return factor() if token == "+" else -factor()
-        if token == "(":
-            take()
-            value = expr()
-            if peek() != ")":
-                raise ValueError("missing )")
-            take()
-            return value
-        if token is None or not token[0].isdigit():
-            raise ValueError(f"unexpected {token!r}" if token else "unexpected end")
-        return Fraction(take())
-
-    try:
-        value = expr()
-        if peek() is not None:
-            raise ValueError(f"unexpected {peek()!r}")
-    except ValueError as e:
-        return f"error: {e}"
-    if value.denominator == 1:
-        return str(value.numerator)
-    try:
-        return f"{float(value):.6f}".rstrip("0").rstrip(".")
-    except OverflowError:
-        return "error: result too large"

@@ -31,13 +31,26 @@ Batch = dict[str, torch.Tensor]
 
 
 class Stage(Protocol):
-    """What a stage file supplies. `loss` returns (sum of per-token losses, number of tokens, extra
-    metrics): the loop divides by the token count of the whole global batch, so the gradient is the same
-    whatever the split over micro-batches and processes."""
+    """What a stage file supplies. `loss` returns (sum of per-unit losses, number of units, extra metrics):
+    the loop divides by the unit count of the whole global batch (`count`, target tokens by default; a DPO
+    stage counts pairs), so the gradient is the same whatever the split over micro-batches and processes.
+
+    Optional hooks, looked up with getattr so simple stages stay simple:
+      setup(model, device)         after the model is on its device, before the optimizer is built: freeze
+                                   or wrap layers (LoRA), load a reference or teacher model
+      count(batch) -> int          the units `loss` averages over (default: labels != -100 after shifting)
+      prepare(model, micro)        turn each step's micro-batches into training batches (RL rollouts)
+      save(model, out, tokenizer)  write the stage's output directory (default: a full model directory)
+    """
 
     def dataset(self, path: str) -> Any: ...
     def collate(self, rows: list) -> Batch: ...
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]: ...
+
+
+def target_tokens(batch: Batch) -> int:
+    """The default unit count: positions with a next-token label."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 # ---- machine ------------------------------------------------------------------------------------------
@@ -150,7 +163,8 @@ def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro
     """Forward and backward over the micro-batches, clip, step. Returns (mean loss per target token over
     the global batch, gradient norm before clipping, stage extras averaged over micro-batches)."""
     accum = len(micro)
-    n_tokens = d.sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
+    count = getattr(stage, "count", target_tokens)
+    n_tokens = d.sum(sum(count(b) for b in micro))
     loss_sum = 0.0
     extras: dict[str, float] = {}
     for m, batch in enumerate(micro):
@@ -220,6 +234,8 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     model, tokenizer = build_model(cfg)
     model.to(device)
     stage = stage_factory(cfg, tokenizer)
+    if hasattr(stage, "setup"):
+        stage.setup(model, device)
 
     # Rank 0 tokenizes; the others wait, then open the same cache.
     if d.main:
@@ -309,6 +325,8 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
         for m in range(accum):
             lo = (m * d.world + d.rank) * cfg.batch_size
             micro.append(stage.collate([data[i] for i in rows[lo:lo + cfg.batch_size]]))
+        if hasattr(stage, "prepare"):
+            micro = stage.prepare(model, micro)
         train_loss, grad_norm, extras = train_step(net, model, stage, micro, optimizer, cfg.grad_clip, device,
                                                    autocast, scaler, d)
         step += 1
@@ -351,7 +369,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     bar.close()
     out = run / "model"
     if d.main:
-        save_model(model, out, tokenizer)
+        getattr(stage, "save", save_model)(model, out, tokenizer)
         if loggers:
             loggers.close()
         plot_losses(run / "metrics.jsonl", run / "loss.png")

@@ -1,0 +1,48 @@
+"""The sandboxed tools: exact results, and every bad call answered with an error text, never an exception."""
+
+import pytest
+
+from minimind.tools import TOOLS, run_tool, tool_schemas
+
+
+@pytest.mark.parametrize("args, expected", [
+    ({"expression": "23*45"}, "1035"), ({"expression": "(1 + 2) * 3 - 4 / 8"}, "8.5"),
+    ('{"expression": "7/3"}', "2.333333"),
+    ({"expression": "2×3÷4"}, "1.5"), ({"expression": "-(-5)"}, "5"),
+])
+def test_calculator(args, expected):
+    assert run_tool("calculator", args) == expected
+
+
+@pytest.mark.parametrize("value, src, dst, expected", [
+    (3.5, "km", "m", "3500"), (90, "分钟", "小时", "1.5"), ("2500", "grams", "kg", "2.5"), (2, "h", "s", "7200"),
+    (15, "mm", "cm", "1.5"),
+])
+def test_unit_convert(value, src, dst, expected):
+    assert run_tool("unit_convert", {"value": value, "from_unit": src, "to_unit": dst}) == expected
+
+
+@pytest.mark.parametrize("name, args, fragment", [
+    ("calculator", {"expression": "__import__('os').system('x')"}, "unexpected"),
+    ("calculator", {"expression": "1/0"}, "division by zero"),
+    ("calculator", {"expression": "(" * 150 + "1" + ")" * 150}, "1-200 characters"),
+    ("calculator", {"expression": "2**10"}, "unexpected"),
+    ("calculator", "{not json", "not valid JSON"),
+    ("calculator", "[1, 2]", "JSON object"),
+    ("calculator", {}, "missing expression"),
+    ("calculator", {"expression": "1", "x": 2}, "unexpected x"),
+    ("unit_convert", {"value": 1, "from_unit": "kg", "to_unit": "m"}, "cannot convert mass"),
+    ("unit_convert", {"value": "1e9", "from_unit": "kg", "to_unit": "g"}, "must be a number"),
+    ("unit_convert", {"value": 1, "from_unit": "parsec", "to_unit": "m"}, "unknown unit"),
+    ("rm", {}, "unknown tool"),
+])
+def test_bad_calls_are_error_texts(name, args, fragment):
+    out = run_tool(name, args)
+    assert out.startswith("error:") and fragment in out
+
+
+def test_schemas():
+    assert [s["function"]["name"] for s in tool_schemas()] == list(TOOLS)
+    assert tool_schemas(["unit_convert"])[0]["function"]["parameters"]["required"] == ["value", "from_unit", "to_unit"]
+    with pytest.raises(ValueError, match="unknown tool"):
+        tool_schemas(["nope"])

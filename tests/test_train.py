@@ -233,3 +233,30 @@ def test_sft_learns_only_the_assistant_turns(corpus, tokenizer, tmp_path):
     train(cfg, SFTStage)
     curve = losses(tmp_path / "sft")
     assert curve[-1] < 0.5 * curve[0]
+
+
+def test_tag_loss_weight_scales_only_the_tag_tokens(tokenizer):
+    import torch.nn.functional as F
+    from conftest import small_model
+
+    from minimind.chat import encode_chat
+    from minimind.train.sft import SFTStage
+
+    model = small_model("qwen3", vocab_size=len(tokenizer))
+    conv = [{"role": "user", "content": "3 + 4?"},
+            {"role": "assistant", "content": "7", "reasoning_content": "3 + 4 = 7"}]
+    ids, mask = encode_chat(tokenizer, conv)
+    ids_t = torch.tensor([ids])
+    batch = {"input_ids": ids_t, "labels": torch.where(torch.tensor([mask]).bool(), ids_t, -100)}
+    plain, n, _ = SFTStage(TrainConfig(stage="sft"), tokenizer).loss(model, batch)
+    stage = SFTStage(TrainConfig(stage="sft", tag_loss_weight=5.0), tokenizer)
+    stage.setup(model, torch.device("cpu"))
+    weighted, n2, _ = stage.loss(model, batch)
+    per_token = F.cross_entropy(model(ids_t).logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100,
+                                reduction="none")
+    tags = {tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
+    is_tag = torch.tensor([t in tags for t in batch["labels"][0, 1:].tolist()])
+    assert is_tag.sum() == 2  # the assistant writes both tags
+    assert n == n2 == sum(mask[1:])
+    assert torch.allclose(plain, per_token.sum(), atol=1e-5)
+    assert torch.allclose(weighted, per_token.sum() + 4 * per_token[is_tag].sum(), atol=1e-5)

@@ -11,13 +11,14 @@ from minimind.data.pack import pack
 from minimind.train.config import TrainConfig
 
 
-def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
     """Sum of next-token cross-entropies over the positions whose label is not -100, their count, and the
-    MoE load-balancing loss when the model has one."""
+    MoE load-balancing loss when the model has one. `weight` (one per vocabulary id) scales the loss of
+    chosen target tokens."""
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           reduction="sum")
+    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), weight=weight,
+                           ignore_index=-100, reduction="sum")
     extra = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
     return loss, int((labels != -100).sum()), extra
 

@@ -8,7 +8,8 @@ import os
 import numpy as np
 import torch
 
-from minimind.train.pretrain import PretrainStage
+from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN
+from minimind.train.pretrain import PretrainStage, token_loss
 
 
 class RowsWithLoss:
@@ -29,6 +30,18 @@ class RowsWithLoss:
 
 class SFTStage(PretrainStage):
     kind = "sft"
+    weight: torch.Tensor | None = None
+
+    def setup(self, model: torch.nn.Module, device: torch.device) -> None:
+        """With tag_loss_weight != 1, the structure tokens (think and tool-call tags) weigh more in the loss,
+        as MiniMind's reasoning distillation does, so a small model learns to open and close them reliably."""
+        if self.cfg.tag_loss_weight != 1.0:
+            self.weight = torch.ones(model.config.vocab_size, device=device)
+            for tag in (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE):
+                self.weight[self.tokenizer.convert_tokens_to_ids(tag)] = self.cfg.tag_loss_weight
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        return token_loss(model, batch, self.weight)
 
     def dataset(self, path: str):
         data = RowsWithLoss(super().dataset(path))

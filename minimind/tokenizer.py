@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from minimind import MiniMindError
-from minimind.chat import CHAT_TEMPLATE
+from minimind.chat import CHAT_TEMPLATE, render
 
 # MiniMind's added tokens in id order (0..35). Its published weights index them by these ids.
 SPECIAL_TOKENS = [
@@ -43,8 +44,8 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 def iter_texts(files: Iterable[str | Path]) -> Iterator[str]:
     """Stream training text from files, one piece at a time (never the whole file in memory).
 
-    `.txt` yields lines; `.jsonl` yields each row's `text`, or the joined contents (and reasoning) of its
-    `conversations` / `messages`."""
+    `.txt` yields lines; `.jsonl` yields each row's `text`, or its `conversations` / `messages` rendered with
+    the chat template (tools, tool calls and all), which is the text the model will read."""
     for f in files:
         path = Path(f)
         if not path.is_file():
@@ -61,6 +62,9 @@ def iter_texts(files: Iterable[str | Path]) -> Iterator[str]:
                     yield _row_text(line, f"{path}:{lineno}")
 
 
+_SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+
 def _row_text(line: str, where: str) -> str:
     try:
         row = json.loads(line)
@@ -71,6 +75,12 @@ def _row_text(line: str, where: str) -> str:
     messages = row.get("conversations", row.get("messages")) if isinstance(row, dict) else None
     if not isinstance(messages, list):
         raise MiniMindError(f"{where}: row has no 'text', 'conversations' or 'messages'")
+    try:
+        text = render(row)
+    except (MiniMindError, ValueError):
+        pass  # a malformed conversation still has text worth learning from; training will reject the row
+    else:
+        return _SPECIAL_RE.sub("\n", text)  # special tokens are atomic: no merges to learn inside them
     pieces = []
     for m in messages:
         if isinstance(m, dict):

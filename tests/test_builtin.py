@@ -107,7 +107,8 @@ def test_files_are_valid_and_render(written):
                 if side in row:
                     render(row[side])
     sft = read(written["sft"])
-    assert {r.get("task") for r in sft} == {None, "arithmetic", "counting", "units", "identity", "calculator"}
+    assert {r.get("task") for r in sft} == {None, "arithmetic", "counting", "units", "identity", "calculator",
+                                                "converter"}
     assert not any("answer" in r for r in sft)  # so `minimind data check` reads it as SFT, not RL
     assert all("answer" in r for r in read(written["tasks_heldout"]))
 

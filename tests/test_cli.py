@@ -117,3 +117,28 @@ def test_bad_input_is_one_clear_line(args, message, model_dir, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+
+
+def test_chat_tools_runs_the_model_s_tool_call_and_feeds_back_the_result(sft_model_dir, tmp_path):
+    """A model taught one tool conversation calls the calculator; the chat runs the call in the sandbox,
+    feeds the result back, and the model answers with it."""
+    from minimind.tools import tool_schemas
+    from minimind.train.config import TrainConfig
+    from minimind.train.loop import train
+    from minimind.train.sft import SFTStage
+
+    row = {"tools": tool_schemas(), "conversations": [
+        {"role": "user", "content": "What is 23 * 45?"},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"name": "calculator", "arguments": {"expression": "23*45"}}]},
+        {"role": "tool", "content": "1035"},
+        {"role": "assistant", "content": "The answer is 1035."}]}
+    data = tmp_path / "tool.jsonl"
+    data.write_text((json.dumps(row) + "\n") * 32)
+    taught = train(TrainConfig(stage="sft", out=str(tmp_path / "run"), data=str(data), init_from=str(sft_model_dir),
+                               seq_len=512, batch_size=4, steps=40, lr=3e-3, warmup_steps=2, workers=1,
+                               progress=False, log_every=100), SFTStage)
+    out = run("chat", "--model", str(taught), "--tools", "--temperature", "0", "--max-new-tokens", "40",
+              stdin="What is 23 * 45?\n").stdout
+    assert '[tool] calculator({"expression": "23*45"}) -> 1035' in out
+    assert "The answer is 1035." in out.split("-> 1035", 1)[1]

@@ -56,7 +56,7 @@ def expected_answer(row: dict) -> str:
             letter, word = sorted(quoted, key=len)
             return str(word.count(letter))
         return str(len(quoted[0].split()))
-    if family == "units":
+    if family in ("units", "converter"):
         value = int(re.search(r"\d+", q).group(0))
         # Longest names first, so that 千克 is not read as 克.
         first, second = re.findall("|".join(sorted(UNIT_SIZE, key=len, reverse=True)), q)
@@ -84,7 +84,7 @@ def test_deterministic_and_seeded():
 
 
 def test_families_balanced_and_checked():
-    rows = make_tasks(100, seed=0)
+    rows = make_tasks(20 * len(FAMILIES), seed=0)
     assert {r["task"] for r in rows} == set(FAMILIES)
     assert all(sum(r["task"] == f for r in rows) == 20 for f in FAMILIES)
     assert {r["task"] for r in make_tasks(10, 0, ["units"])} == {"units"}
@@ -147,7 +147,7 @@ def test_calculator_rows_are_tool_conversations(split):
     assert rows
     for row in rows:
         system, user, call, tool, final = row["conversations"]
-        assert system["tools"][0]["function"]["name"] == "calculator"
+        assert [t["function"]["name"] for t in system["tools"]] == ["calculator", "unit_convert"]
         assert system["tools"][0]["function"]["parameters"]["required"] == ["expression"]
         (tool_call,) = call["tool_calls"]
         expression = tool_call["arguments"]["expression"]
@@ -159,6 +159,18 @@ def test_calculator_rows_are_tool_conversations(split):
         call_json = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
         assert f"<tool_call>\n{call_json}\n</tool_call>" in text
         assert f"<tool_response>\n{row['answer']}\n</tool_response>" in text
+
+
+def test_converter_rows_call_the_unit_tool(split):
+    rows = [r for r in split[0] if r["task"] == "converter"]
+    assert rows
+    for row in rows:
+        _, user, call, tool, final = row["conversations"]
+        (tool_call,) = call["tool_calls"]
+        args = tool_call["arguments"]
+        assert tool_call["name"] == "unit_convert" and str(args["value"]) in user["content"]
+        assert tool["content"] == row["answer"] == expected_answer(row)
+        assert row["answer"] in final["content"]
 
 
 def test_rows_render_and_validate(split):

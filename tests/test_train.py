@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import CORPUS
@@ -53,6 +54,18 @@ def test_data_order_is_a_shuffle_per_epoch_and_splits_anywhere():
         assert sorted(rows[epoch * 10:(epoch + 1) * 10]) == list(range(10))
     assert rows[:10] != rows[10:20]
     assert global_rows(10, 0, 7, 1) + global_rows(10, 7, 16, 1) == rows[:23]
+
+
+def test_length_grouping_keeps_each_epoch_a_permutation_and_steps_tight():
+    lengths = np.random.default_rng(0).integers(10, 500, size=960)
+    steps = [global_rows(960, s * 16, 16, seed=3, lengths=lengths) for s in range(60)]
+    assert sorted(r for step in steps for r in step) == list(range(960))
+    spread = np.mean([np.ptp(lengths[step]) for step in steps])
+    random_spread = np.mean([np.ptp(lengths[global_rows(960, s * 16, 16, seed=3)]) for s in range(60)])
+    assert spread < random_spread / 4
+    # Step order is still random: the mean length of consecutive steps is not sorted.
+    means = [lengths[step].mean() for step in steps[:32]]
+    assert means != sorted(means)
 
 
 def test_config_from_toml_and_overrides(tmp_path):

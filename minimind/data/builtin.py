@@ -9,7 +9,7 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -290,7 +290,8 @@ def _task_text(task: dict) -> str:
 def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None = 2_000_000,
                   pretrain_val_chars: int = 100_000, sft_tasks: int = 2000, val_tasks: int = 100,
                   heldout_tasks: int = 200, rl_tasks: int = 1000, dpo_pairs: int = 500,
-                  dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0) -> dict[str, Path]:
+                  dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0,
+                  families: Sequence[str] | None = None) -> dict[str, Path]:
     """Write every built-in data file into `out_dir`, deterministic for `seed`; returns {name: path}.
 
     pretrain / pretrain_val: Shakespeare scenes and Chinese news / reviews (val documents never in pretrain).
@@ -299,14 +300,15 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     rl: training-split task prompts with answers (GRPO / agent). dpo: chosen = correct reply, rejected = a
     wrong answer (or, for calculator tasks, an answer without calling the tool). pretrain_tasks: that many
     training-split tasks also go into pretrain as plain text (question, worked steps, answer), so a small
-    model meets digits and copying before SFT."""
+    model meets digits and copying before SFT. `families` picks the task families, taken in turn (a family
+    named twice gets twice the rows); default: each once."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl"
              for name in ("pretrain", "pretrain_val", "sft", "sft_val", "tasks_heldout", "rl", "dpo")}
 
     train, heldout = heldout_split(sft_tasks + rl_tasks + dpo_pairs + pretrain_tasks, val_tasks + heldout_tasks,
-                                   seed)
+                                   seed, families)
     train_docs, val_docs = split_documents(seed, pretrain_chars, pretrain_val_chars)
     task_docs = [_task_text(r) for r in train[len(train) - pretrain_tasks:]] if pretrain_tasks else []
     mixed = train_docs + task_docs

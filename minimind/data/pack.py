@@ -146,10 +146,14 @@ class PackedDataset:
         mask = None if self._mask is None else np.array(self._mask[start:end])
         return ids, mask
 
+    def lengths(self) -> np.ndarray:
+        """Tokens in each row."""
+        return np.diff(np.asarray(self._index)).astype(np.int64)
+
     def loss_tokens_per_row(self, rows_per_chunk: int = 100_000) -> np.ndarray:
         """How many loss-carrying tokens each row has (SFT), read in chunks so a large file stays cheap."""
         if self._mask is None:
-            return np.diff(np.asarray(self._index)).astype(np.int64)
+            return self.lengths()
         index = np.asarray(self._index, dtype=np.int64)
         out = np.empty(len(self), dtype=np.int64)
         for lo in range(0, len(self), rows_per_chunk):

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from minimind import MiniMindError
 from minimind.chat import parse_assistant
-from minimind.tools import CALCULATOR_TOOL, calculator  # noqa: F401 - the tool rows call it
+from minimind.tools import CALCULATOR_TOOL, TOOLS, calculator, run_tool  # noqa: F401 - re-exported
 
-FAMILIES: tuple[str, ...] = ("arithmetic", "counting", "units", "identity", "calculator")
+FAMILIES: tuple[str, ...] = ("arithmetic", "counting", "units", "identity", "calculator", "converter")
+TOOL_FAMILIES = ("calculator", "converter")  # their replies call a tool (minimind.tools) before answering
 SPLITS = ("train", "heldout")
 REASONING_FAMILIES = ("arithmetic", "counting", "units")  # their replies carry worked steps as thinking
 # A problem's split is a hash of its canonical form (operands, word, ...), not of the seed or the phrasing,
@@ -43,7 +44,7 @@ TEXT = {
         "units_div": "1 {one} = {f} {small}, so {v} {small} = {v} / {f} = {r} {big}.",
         "units": {"km": "kilometers", "m": "meters", "kg": "kilograms", "g": "grams", "h": "hours", "min": "minutes"},
         "one": {"km": "kilometer", "kg": "kilogram", "h": "hour"},
-        "system": "You are MiniMind. Use the calculator for arithmetic.",
+        "system": "You are MiniMind. Use the tools for arithmetic and unit conversion.",
     },
     "zh": {
         "answer": "答案是 {}。",
@@ -61,7 +62,7 @@ TEXT = {
         "units_div": "1 {one} = {f} {small}，所以 {v} {small} = {v} / {f} = {r} {big}。",
         "units": {"km": "千米", "m": "米", "kg": "千克", "g": "克", "h": "小时", "min": "分钟"},
         "one": {"km": "千米", "kg": "千克", "h": "小时"},
-        "system": "你是 MiniMind，可以使用计算器做算术。",
+        "system": "你是 MiniMind，可以使用工具做算术和单位换算。",
     },
 }
 
@@ -101,7 +102,7 @@ class Problem:
     content: str  # the final assistant reply
     reasoning: str = ""
     lang: str = "en"
-    expression: str = ""  # calculator family: the tool call's argument
+    call: dict | None = None  # tool families: the tool call {"name", "arguments"} the reply makes
 
 
 def split_of(key: tuple) -> str:
@@ -172,7 +173,10 @@ def _result(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-ARITHMETIC_SIZES = {"+": [(2, 2), (2, 3), (3, 3)], "-": [(2, 2), (3, 2), (3, 3)], "*": [(2, 1), (2, 2)]}
+# Operand digit counts, drawn uniformly. The small sizes give a tiny model a ladder to climb: it learns the
+# digit facts on one- and two-digit problems before the column steps of three-digit ones pay off.
+ARITHMETIC_SIZES = {"+": [(1, 1), (2, 1), (2, 2), (3, 2), (3, 3)], "-": [(1, 1), (2, 1), (2, 2), (3, 2), (3, 3)],
+                    "*": [(1, 1), (2, 1), (2, 1), (2, 2)]}
 CALCULATOR_SIZES = {"+": [(3, 3), (4, 3), (4, 4)], "-": [(3, 3), (4, 3), (4, 4)], "*": [(2, 2), (3, 2), (3, 3)]}
 
 
@@ -189,7 +193,8 @@ def _calculator(rng: random.Random, lang: str) -> Problem:
     a, b = _operands(rng, op, CALCULATOR_SIZES)
     r = _result(a, op, b)
     return Problem(_key(a, op, b), rng.choice(TEXT[lang]["ask"]).format(f"{a} {op} {b}"), str(r),
-                   TEXT[lang]["answer"].format(r), lang=lang, expression=f"{a}{op}{b}")
+                   TEXT[lang]["answer"].format(r), lang=lang,
+                   call={"name": "calculator", "arguments": {"expression": f"{a}{op}{b}"}})
 
 
 def _counting(rng: random.Random, lang: str) -> Problem:
@@ -212,7 +217,8 @@ def _counting(rng: random.Random, lang: str) -> Problem:
                    t["answer"].format(len(words)), reasoning, lang)
 
 
-def _units(rng: random.Random, lang: str) -> Problem:
+def _unit_problem(rng: random.Random, lang: str) -> tuple[tuple, str, str, str, str, int, int]:
+    """A unit question with an exact answer: (key, question, source unit, target unit, worked step, given, result)."""
     t = TEXT[lang]
     big, small, factor, most = rng.choice(UNITS)
     v = rng.randint(2, most)
@@ -223,8 +229,19 @@ def _units(rng: random.Random, lang: str) -> Problem:
         frm, to, given, r, steps = small, big, v * factor, v, t["units_div"]
     reasoning = steps.format(one=t["one"][big], big=name[big], small=name[small], f=factor, v=given, r=r)
     question = rng.choice(t["units_ask"]).format(v=given, frm=name[frm], to=name[to])
-    return Problem(("units", frm, to, given), question, str(r), t["answer"].format(f"{r} {name[to]}"), reasoning,
+    return ("units", frm, to, given), question, frm, to, reasoning, given, r
+
+
+def _units(rng: random.Random, lang: str) -> Problem:
+    key, question, _, to, reasoning, _, r = _unit_problem(rng, lang)
+    return Problem(key, question, str(r), TEXT[lang]["answer"].format(f"{r} {TEXT[lang]['units'][to]}"), reasoning,
                    lang)
+
+
+def _converter(rng: random.Random, lang: str) -> Problem:
+    key, question, frm, to, _, given, r = _unit_problem(rng, lang)
+    return Problem(key, question, str(r), TEXT[lang]["answer"].format(f"{r} {TEXT[lang]['units'][to]}"), lang=lang,
+                   call={"name": "unit_convert", "arguments": {"value": given, "from_unit": frm, "to_unit": to}})
 
 
 def _identity(rng: random.Random, lang: str) -> Problem:
@@ -236,20 +253,20 @@ def _identity(rng: random.Random, lang: str) -> Problem:
 
 GENERATORS: dict[str, Callable[[random.Random, str], Problem]] = {
     "arithmetic": _arithmetic, "counting": _counting, "units": _units, "identity": _identity,
-    "calculator": _calculator,
+    "calculator": _calculator, "converter": _converter,
 }
 
 
 def to_row(p: Problem, family: str) -> dict:
     """A problem as a MiniMind SFT row with the expected answer and the family name."""
     user = {"role": "user", "content": p.question}
-    if p.expression:
+    if p.call:
+        # Both tools are offered, so the model must pick the right one, as it will have to in a real chat.
         conversation = [
-            {"role": "system", "content": TEXT[p.lang]["system"], "tools": [CALCULATOR_TOOL]},
+            {"role": "system", "content": TEXT[p.lang]["system"], "tools": [t.schema for t in TOOLS.values()]},
             user,
-            {"role": "assistant", "content": "",
-             "tool_calls": [{"name": "calculator", "arguments": {"expression": p.expression}}]},
-            {"role": "tool", "content": p.answer},
+            {"role": "assistant", "content": "", "tool_calls": [p.call]},
+            {"role": "tool", "content": run_tool(p.call["name"], p.call["arguments"])},
             {"role": "assistant", "content": p.content},
         ]
     else:

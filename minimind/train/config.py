@@ -28,6 +28,7 @@ class TrainConfig:
     cache_dir: str = ""  # packed-data cache (default: $MINIMIND_CACHE or ~/.cache/minimind/packed)
     system_prompt_prob: float = 0.0  # SFT: add a random system prompt to this share of chats (MiniMind: 0.2)
     keep_empty_think_prob: float = 1.0  # SFT: keep empty think blocks in this share of chats (MiniMind: 0.2)
+    tag_loss_weight: float = 1.0  # SFT: loss weight of the <think>/</think>/<tool_call>/</tool_call> tokens
     # model
     init_from: str = ""  # a model directory from an earlier stage (its config is inherited)
     preset: str = "tiny"  # used when init_from is empty
@@ -36,6 +37,7 @@ class TrainConfig:
     # optimisation
     seq_len: int = 512
     batch_size: int = 16  # rows per micro-batch per process
+    group_by_length: bool = True  # put rows of similar length in the same step (less padding; SFT, DPO)
     global_batch_tokens: int = 0  # tokens per optimizer step over all processes (0: batch_size * seq_len * world)
     steps: int = 0  # optimizer steps (0: derived from epochs)
     epochs: float = 1.0
@@ -62,6 +64,43 @@ class TrainConfig:
     resume: bool = False
     loggers: list[str] = field(default_factory=list)  # tensorboard, wandb, swanlab (when installed)
     progress: bool = True
+    # ---- stage-specific settings (each stage reads only its own block) ----
+    # lora
+    lora_rank: int = 16  # r: rank of the adapter matrices (MiniMind: 16)
+    lora_alpha: float = 32.0  # scaling = alpha / rank (MiniMind has no scaling: alpha = rank)
+    lora_dropout: float = 0.0  # dropout on the adapter's input while training
+    lora_targets: str = "all"  # all (q,k,v,o,gate,up,down), qo (MiniMind's), or names: q_proj,v_proj
+    # dpo
+    dpo_beta: float = 0.15  # DPO: strength of the implicit KL to the reference (MiniMind: 0.15)
+    dpo_label_smoothing: float = 0.0  # DPO: assumed share of flipped preferences (conservative DPO); 0 = plain DPO
+    ref_model: str = ""  # DPO: reference model directory (default: a frozen copy of the starting policy)
+    # distill
+    teacher: str = ""  # distill: teacher model directory (same tokenizer as the student)
+    kd_alpha: float = 0.5  # distill: loss = (1 - kd_alpha) * CE + kd_alpha * T^2 * KL (MiniMind: 0.5)
+    kd_temperature: float = 1.5  # distill: softmax temperature T of both models for the KL term (MiniMind: 1.5)
+    kd_reverse: bool = False  # distill: KL(student || teacher) instead of the default KL(teacher || student)
+    # rl (ppo, grpo, agent)
+    num_generations: int = 6  # GRPO/agent: samples per prompt (the group); PPO samples 1 (MiniMind: 6; agent 4)
+    max_gen_len: int = 1024  # new tokens per sample (agent: per turn); prompts are cut to seq_len (MiniMind: 1024)
+    rollout_temperature: float = 0.8  # sampling temperature of the rollouts (MiniMind: 0.8, fixed)
+    rollout_top_p: float = 1.0  # nucleus sampling of the rollouts (1: off)
+    thinking_ratio: float = 0.9  # share of prompts opened with <think> (task rows follow their family) (MiniMind: 0.9)
+    loss_type: str = "cispo"  # grpo (clipped ratio) or cispo (clipped, detached IS weight); MiniMind's default is cispo
+    loss_agg: str = "sequence"  # sequence: mean over each sample's tokens, then over samples (MiniMind); or token
+    kl_coef: float = 0.1  # KL-to-reference weight (k3); 0: no reference (MiniMind: GRPO --beta 0.1, PPO 0.02)
+    epsilon: float = 0.2  # clip range of the importance ratio (GRPO, PPO) (MiniMind: 0.2)
+    epsilon_high: float = 5.0  # CISPO: cap on the detached importance weight (MiniMind: 5.0)
+    update_epochs: int = 1  # optimizer steps taken on each rollout batch (MiniMind: GRPO 1, PPO 2)
+    rewards: str = "answer:1,format:0.2,repetition:0.5"  # reward parts and weights (see minimind.rl.rewards)
+    reward_model: str = ""  # optional reward-model directory (minimind train reward); scored with rewards' "rm"
+    vf_coef: float = 0.5  # PPO: weight of the value loss (MiniMind: 0.5)
+    cliprange_value: float = 0.2  # PPO: clip range of the value update (MiniMind: 0.2)
+    gamma: float = 1.0  # PPO: discount (MiniMind: 1.0)
+    lam: float = 0.95  # PPO: GAE lambda (MiniMind: 0.95)
+    max_turns: int = 3  # agent: assistant turns per trajectory (MiniMind: 3, fixed)
+    max_total_len: int = 2500  # agent: trajectory tokens, prompt included (MiniMind: 2500)
+    tools: list[str] = field(default_factory=list)  # agent: tools offered when a row names none (default: all)
+    rollout_every: int = 10  # write sampled rollouts to <run>/rollouts.jsonl every N steps (0: never)
 
     def __post_init__(self) -> None:
         if not self.out:

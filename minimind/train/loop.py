@@ -131,14 +131,42 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def global_rows(n_rows: int, start: int, count: int, seed: int) -> list[int]:
-    """Rows `start .. start+count` of the endless sequence of epochs, each epoch its own seeded shuffle.
-    The position is counted in rows, so a run resumes at the same row with any number of processes."""
+GROUP_STEPS = 32  # length grouping sorts within windows of this many steps: order stays random across them
+_order_cache: dict[tuple, torch.Tensor] = {}
+
+
+def epoch_order(n_rows: int, epoch: int, seed: int, lengths: np.ndarray | None = None,
+                step_rows: int = 0) -> torch.Tensor:
+    """One epoch's seeded shuffle of the rows. Given row lengths, rows of similar length are grouped into the
+    same step (sorted within windows of GROUP_STEPS steps, then the steps shuffled), so a padded batch wastes
+    little on padding, as transformers' group_by_length does."""
+    key = (n_rows, epoch, seed, id(lengths), step_rows)
+    if key not in _order_cache:
+        g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+        order = torch.randperm(n_rows, generator=g)
+        if lengths is not None and step_rows > 0:
+            window = step_rows * GROUP_STEPS
+            pieces = []
+            for lo in range(0, n_rows, window):
+                chunk = order[lo:lo + window]
+                chunk = chunk[torch.from_numpy(np.argsort(np.asarray(lengths)[chunk.numpy()], kind="stable"))]
+                steps = list(chunk.split(step_rows))
+                pieces += [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+            order = torch.cat(pieces)
+        _order_cache.clear()  # the loop walks epochs in order: one cached epoch is enough
+        _order_cache[key] = order
+    return _order_cache[key]
+
+
+def global_rows(n_rows: int, start: int, count: int, seed: int, lengths: np.ndarray | None = None) -> list[int]:
+    """Rows `start .. start+count` of the endless sequence of epochs, each epoch its own seeded shuffle
+    (grouped by length when `lengths` is given, with `count` rows per step). The position is counted in rows,
+    so a run resumes at the same row with any number of processes."""
     out: list[int] = []
+    step_rows = count
     while count > 0:
         epoch, offset = divmod(start, n_rows)
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
-        take = order[offset:offset + count].tolist()
+        take = epoch_order(n_rows, epoch, seed, lengths, step_rows)[offset:offset + count].tolist()
         out += take
         start += len(take)
         count -= len(take)
@@ -260,6 +288,9 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
     optimizer = make_optimizer(model, cfg, device)
+    lengths = data.lengths() if cfg.group_by_length and hasattr(data, "lengths") else None
+    if lengths is not None and lengths.min() == lengths.max():
+        lengths = None  # packed pretraining rows are all full: nothing to group
 
     step, samples = 0, 0
     checkpoints = run / "checkpoints"
@@ -320,7 +351,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
         lr = learning_rate(cfg, step, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = global_rows(len(data), samples, rows_per_step, cfg.seed)
+        rows = global_rows(len(data), samples, rows_per_step, cfg.seed, lengths)
         micro = []
         for m in range(accum):
             lo = (m * d.world + d.rank) * cfg.batch_size

@@ -27,6 +27,9 @@ class RowsWithLoss:
     def __getitem__(self, i: int):
         return self.data[int(self.rows[i])]
 
+    def lengths(self) -> np.ndarray:
+        return self.data.lengths()[self.rows]
+
 
 class SFTStage(PretrainStage):
     kind = "sft"

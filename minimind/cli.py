@@ -10,6 +10,8 @@ from pathlib import Path
 
 from minimind import MiniMindError, __version__
 from minimind.data.commands import add_data_parser
+from minimind.eval.commands import add_eval_parser
+from minimind.importer import add_import_parser
 
 
 def load_for_inference(args: argparse.Namespace):
@@ -20,6 +22,10 @@ def load_for_inference(args: argparse.Namespace):
 
     device = pick_device(args.device)
     model = load_model(args.model, device=device, dtype=pick_dtype(args.dtype, device))
+    if getattr(args, "lora", None):
+        from minimind.lora import load_adapter
+
+        model = load_adapter(model, args.lora, merge=True)  # folded in: decoding costs nothing extra
     tokenizer = load_tokenizer(args.model)
     if len(tokenizer) > model.config.vocab_size:
         raise MiniMindError(f"{args.model}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
@@ -217,6 +223,7 @@ SAMPLES = {
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT layout) to apply to the model")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
@@ -243,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_data_parser(sub)
+    add_import_parser(sub)
+    add_eval_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -57,6 +57,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-tasks", type=int, default=200, help="held-out task prompts in tasks_heldout.jsonl")
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
+    from minimind.data.download import add_download_parser
+
+    add_download_parser(data)
 
 
 def add_check_convert_parsers(data: argparse._SubParsersAction) -> None:

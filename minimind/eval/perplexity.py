@@ -34,9 +34,11 @@ class TextScore:
 
 @torch.inference_mode()
 def score_texts(model: MiniMindForCausalLM, tokenizer, texts: Iterable[str], seq_len: int = 512,
-                batch_size: int = 8) -> TextScore:
+                batch_size: int = 8, progress: bool = False) -> TextScore:
     """Each text is `<|im_start|>` + its tokens, as in pretraining; every token after the first is scored.
-    Texts longer than seq_len are scored in consecutive windows."""
+    Texts longer than seq_len are scored in consecutive windows. `progress` shows a bar over the windows."""
+    from tqdm import tqdm
+
     bos = model.config.bos_token_id
     device = model.model.embed_tokens.weight.device
     windows: list[list[int]] = []
@@ -48,6 +50,7 @@ def score_texts(model: MiniMindForCausalLM, tokenizer, texts: Iterable[str], seq
         for start in range(0, len(ids) - 1, seq_len - 1):
             windows.append(ids[start:start + seq_len])
     tokens, nats = 0, 0.0
+    bar = tqdm(total=len(windows), desc="perplexity", unit=" windows", disable=not progress, leave=False)
     for lo in range(0, len(windows), batch_size):
         chunk = windows[lo:lo + batch_size]
         width = max(map(len, chunk))
@@ -60,4 +63,6 @@ def score_texts(model: MiniMindForCausalLM, tokenizer, texts: Iterable[str], seq
         target = labels[:, 1:].to(device)
         nats += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
         tokens += int((target != -100).sum())
+        bar.update(len(chunk))
+    bar.close()
     return TextScore(tokens=tokens, bytes=n_bytes, nats=nats)

@@ -29,11 +29,15 @@ class ProbeResult:
 
 
 def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool | None = None,
-                   max_new_tokens: int = 128, batch_size: int = 32) -> ProbeResult:
+                   max_new_tokens: int = 128, batch_size: int = 32, progress: bool = False) -> ProbeResult:
     """Greedy answers to each task's prompt (its conversation up to the last user turn). enable_thinking=None
-    thinks on the families whose training replies carry worked steps, as the model was taught."""
+    thinks on the families whose training replies carry worked steps, as the model was taught. `progress`
+    shows a bar."""
+    from tqdm import tqdm
+
     result = ProbeResult()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    bar = tqdm(total=len(rows), desc="probes", unit=" tasks", disable=not progress, leave=False)
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo:lo + batch_size]
         prompts, thinking = [], []
@@ -56,4 +60,6 @@ def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], 
                 question = next(m["content"] for m in reversed(prompt_row(row)["conversations"]) if m["role"] == "user")
                 result.samples.append({"family": family, "question": question, "output": out.text,
                                        "expected": row.get("answer"), "correct": ok})
+        bar.update(len(chunk))
+    bar.close()
     return result

@@ -1,0 +1,211 @@
+"""Import weights into our model directory: a transformers directory (Qwen3, Qwen3-MoE, Llama, or MiniMind's
+`model_type: minimind` export) or MiniMind's native `.pth` state dict. `minimind import SRC --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from minimind import MiniMindError
+from minimind.config import PRESETS, ModelConfig
+
+if TYPE_CHECKING:  # torch and the model load lazily, so that `minimind --help` stays fast
+    import torch
+
+    from minimind.model import MiniMindForCausalLM
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+# Flags of MiniMind's own scripts (--hidden_size, --num_hidden_layers, --use_moe) and a few more, as ModelConfig
+# fields: what a `.pth` cannot tell us by itself comes from here or from the preset.
+CONFIG_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "vocab_size", "use_moe", "num_experts", "num_experts_per_tok",
+                "moe_intermediate_size", "rope_theta", "rms_norm_eps", "max_position_embeddings")
+
+
+def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
+    """A `.pth` state dict, loaded with weights_only=True (a pickle never runs code here). Accepts a bare state
+    dict or one wrapped as {"model": ...} / {"state_dict": ...} (resume files)."""
+    import torch
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure is one problem with this file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MiniMindError(f"{path}: cannot read as a weights-only torch state dict ({first})") from None
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise MiniMindError(f"{path}: expected a state dict (names -> tensors)")
+    return dict(obj)
+
+
+def _strip(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, **overrides: Any) -> ModelConfig:
+    """A config for MiniMind's state dict: the preset (default: minimind-3, or the minimind2 family when the
+    weights have no q/k-norm), then what the weights show (hidden size, layers, vocab, FFN width, MoE, experts,
+    and the heads when q/k-norm gives head_dim), then explicit overrides. Without q/k-norm the number of heads
+    cannot be read off the shapes: it comes from the preset or the flags (a wrong shape fails in load_weights)."""
+    import torch
+
+    keys = {_strip(k): v for k, v in state.items()}
+    embed = keys.get("model.embed_tokens.weight")
+    if embed is None or embed.dim() != 2:
+        raise MiniMindError("no model.embed_tokens.weight in the state dict: not MiniMind's key names")
+    layers = {int(k.split(".")[2]) for k in keys if k.startswith("model.layers.")}
+    qk_norm = any(".self_attn.q_norm." in k for k in keys)
+    experts = {int(k.split(".")[5]) for k in keys if ".mlp.experts." in k and k.split(".")[5].isdigit()}
+    if any(".mlp.shared_experts." in k for k in keys):
+        raise MiniMindError("shared experts (minimind2-moe) are not supported; only the minimind-3-moe layout is")
+    if preset is None:
+        preset = "minimind-3" if qk_norm else ("minimind2-small" if embed.shape[1] == 512 else "minimind2")
+    seen: dict[str, Any] = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], qk_norm=qk_norm,
+                                num_hidden_layers=max(layers) + 1 if layers else 0, use_moe=bool(experts))
+    if experts:
+        seen["num_experts"] = max(experts) + 1
+    layer0 = "model.layers.0."
+    if qk_norm:  # head_dim is the q-norm's width, and then the projections give the head counts
+        hd = keys[layer0 + "self_attn.q_norm.weight"].shape[0] if layer0 + "self_attn.q_norm.weight" in keys else 0
+        q, k = keys.get(layer0 + "self_attn.q_proj.weight"), keys.get(layer0 + "self_attn.k_proj.weight")
+        if hd and q is not None and k is not None:
+            seen.update(head_dim=hd, num_attention_heads=q.shape[0] // hd, num_key_value_heads=k.shape[0] // hd)
+    gate = keys.get(layer0 + "mlp.experts.0.gate_proj.weight" if experts else layer0 + "mlp.gate_proj.weight")
+    if gate is not None:
+        seen["moe_intermediate_size" if experts else "intermediate_size"] = gate.shape[0]
+    if "lm_head.weight" in keys and not torch.equal(keys["lm_head.weight"], embed):
+        seen["tie_word_embeddings"] = False
+    fields = {**seen, **{k: v for k, v in overrides.items() if v is not None}}
+    if fields.get("hidden_size") != PRESETS.get(preset, {}).get("hidden_size"):
+        # then the preset's head_dim and FFN width do not apply: MiniMind's rules derive them from hidden_size
+        fields.setdefault("intermediate_size", None)
+        fields.setdefault("head_dim", None)
+    return ModelConfig.preset(preset, **fields)
+
+
+def _minimind_hf_dict(d: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """MiniMind's custom-code export (`model_type: minimind`) as the qwen3 / qwen3_moe / llama config it equals."""
+    qk_norm = any(".self_attn.q_norm." in _strip(k) for k in state)
+    out = {**d, "model_type": "qwen3_moe" if d.get("use_moe") else ("qwen3" if qk_norm else "llama")}
+    if d.get("inference_rope_scaling") and not d.get("rope_scaling"):
+        out["rope_scaling"] = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048,
+                               "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
+    return out
+
+
+def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype) -> MiniMindForCausalLM:
+    import torch
+
+    from minimind.checkpoint import load_weights
+    from minimind.model import MiniMindForCausalLM
+
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    model.model.rotary.reset()
+    load_weights(model, state, source)  # names every missing, unexpected or wrongly shaped key
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _find_tokenizer(src: Path, tokenizer: str | Path | None):
+    from minimind.tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if src.is_dir() and (src / "tokenizer.json").is_file():
+        return load_tokenizer(src)
+    raise MiniMindError(f"{src}: has no tokenizer.json; give the tokenizer directory with --tokenizer DIR "
+                        "(for MiniMind's weights, its model/ folder or the tokenizer of a published model)")
+
+
+def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None = None, preset: str | None = None,
+                 dtype: str | None = None, **overrides: Any) -> Path:
+    """Write our model directory at `out` from `src`: a transformers model directory or a MiniMind `.pth`.
+    `tokenizer` (a directory) is required when `src` has none; `preset` and `overrides` (ModelConfig fields)
+    only apply to `.pth` files. `dtype` (float32, bfloat16, float16) converts; default: as stored."""
+    import torch
+
+    from minimind.checkpoint import read_state_dict, save_model
+    from minimind.device import DTYPES
+
+    src = Path(src)
+    if not src.exists():
+        raise MiniMindError(f"{src}: not found")
+    if dtype is not None and dtype not in DTYPES:
+        raise MiniMindError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    tok = _find_tokenizer(src, tokenizer)
+    if src.is_dir():
+        if preset or any(v is not None for v in overrides.values()):
+            raise MiniMindError(f"{src}: --preset and shape flags are for .pth files; a directory has config.json")
+        path = src / "config.json"
+        if not path.is_file():
+            raise MiniMindError(f"{path}: not found (is {src} a transformers model directory?)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MiniMindError(f"{path}: invalid JSON ({e})") from None
+        state = read_state_dict(src)
+        if isinstance(raw, dict) and raw.get("model_type") == "minimind":
+            raw = _minimind_hf_dict(raw, state)
+        cfg = ModelConfig.from_hf_dict(raw, source=str(path))
+        source = str(src)
+    else:
+        state = read_pth(src)
+        cfg = infer_config(state, preset, **overrides)
+        source = str(src)
+    stored = next(iter(state.values())).dtype
+    if stored not in DTYPES.values():
+        stored = torch.float32
+    model = _build(cfg, state, source, stored)
+    if len(tok) > cfg.vocab_size:
+        raise MiniMindError(f"{source}: the tokenizer has {len(tok)} tokens but the weights only {cfg.vocab_size}")
+    return save_model(model, out, tok, dtype=dtype)
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS}
+    if args.use_moe is not None:
+        overrides["use_moe"] = bool(args.use_moe)
+    out = import_model(args.src, args.out, tokenizer=args.tokenizer, preset=args.preset, dtype=args.dtype,
+                       **overrides)
+    cfg = ModelConfig.load(out)
+    print(f"imported {args.src} -> {out}: {cfg.model_type}, {cfg.num_parameters():,} parameters "
+          f"(d={cfg.hidden_size}, {cfg.num_hidden_layers} layers" + (f", {cfg.num_experts} experts" if cfg.use_moe
+                                                                     else "") + ")")
+
+
+def add_import_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import a transformers directory or a MiniMind .pth into a model directory",
+                       description="SRC is a transformers model directory (qwen3, qwen3_moe, llama, or MiniMind's "
+                       "model_type=minimind export; e.g. a download of jingyaogong/minimind-3) or MiniMind's "
+                       "native state dict (full_sft_768.pth). For a .pth the shapes come from --preset, then "
+                       "from the weights, then from the flags below.")
+    p.add_argument("src", help="transformers model directory or .pth file")
+    p.add_argument("--out", required=True, help="output model directory (written atomically)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (required when SRC has no tokenizer.json)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="convert the weights (default: as stored)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help=".pth only: base config (default: minimind-3, or minimind2/-small without q/k-norm)")
+    for name in CONFIG_FLAGS:
+        if name == "use_moe":
+            p.add_argument("--use-moe", "--use_moe", dest="use_moe", type=int, choices=[0, 1], default=None,
+                           help=".pth only: 1 = MoE (default: detected from the weights)")
+            continue
+        kind = float if name in ("rope_theta", "rms_norm_eps") else int
+        p.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=kind, default=None,
+                       help=f".pth only: {name}")
+    p.set_defaults(func=cmd_import)

@@ -29,3 +29,14 @@ def test_bits_per_byte_matches_a_hand_computation(tokenizer):
     assert math.isclose(short.nats, manual, rel_tol=1e-5)
     assert math.isclose(short.bits_per_byte, manual / math.log(2) / len(texts[0].encode()), rel_tol=1e-5)
     assert math.isclose(short.perplexity, math.exp(manual / short.tokens), rel_tol=1e-5)
+
+
+def test_thinking_format_check():
+    from minimind.eval.probes import is_well_formed
+
+    assert is_well_formed("3 + 4 = 7\n</think>\n\nThe answer is 7.", "stop")
+    assert not is_well_formed("3 + 4 = 7\n</think>\n\nThe answer is 7.", "length")  # never stopped
+    assert not is_well_formed("3 + 4 = 7\n</think>\n\n", "stop")  # no answer after thinking
+    assert not is_well_formed("3 + 4 = 7 The answer is 7.", "stop")  # never closed the think block
+    assert not is_well_formed("a</think>b</think>c", "stop")
+    assert not is_well_formed("<think>a</think>b", "stop")

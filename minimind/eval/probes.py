@@ -19,13 +19,26 @@ class ProbeResult:
     total: int = 0
     by_family: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
     samples: list[dict] = field(default_factory=list)  # question, generated text, expected, correct
+    thought: int = 0  # answers generated with thinking on
+    well_formed: int = 0  # of those: one closed think block, then a non-empty answer, then the end token
 
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.total, 1)
 
+    @property
+    def format_rate(self) -> float:
+        return self.well_formed / max(self.thought, 1)
+
     def family_accuracy(self) -> dict[str, float]:
         return {k: c / max(n, 1) for k, (c, n) in sorted(self.by_family.items())}
+
+
+def is_well_formed(generated: str, finish_reason: str | None) -> bool:
+    """A thinking answer as taught: reasoning, one `</think>`, a non-empty answer, and a proper stop (the
+    prompt already opened the think block)."""
+    parts = generated.split("</think>")
+    return len(parts) == 2 and "<think>" not in generated and bool(parts[1].strip()) and finish_reason == "stop"
 
 
 def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool | None = None,
@@ -56,6 +69,9 @@ def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], 
             result.total += 1
             result.by_family[family][0] += ok
             result.by_family[family][1] += 1
+            if think:
+                result.thought += 1
+                result.well_formed += is_well_formed(out.text, out.finish_reason)
             if len(result.samples) < 200:
                 question = next(m["content"] for m in reversed(prompt_row(row)["conversations"]) if m["role"] == "user")
                 result.samples.append({"family": family, "question": question, "output": out.text,

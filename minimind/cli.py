@@ -11,6 +11,7 @@ from pathlib import Path
 from minimind import MiniMindError, __version__
 from minimind.data.commands import add_data_parser
 from minimind.eval.commands import add_eval_parser
+from minimind.export.commands import add_export_parser
 from minimind.importer import add_import_parser
 
 
@@ -252,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_import_parser(sub)
     add_eval_parser(sub)
+    add_export_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")

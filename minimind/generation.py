@@ -51,17 +51,37 @@ class Sampler:
             [getattr(p, name) for p in params], dtype=dtype, device=device)[:, None]
         self.temperature, self.top_p, self.min_p = col("temperature"), col("top_p"), col("min_p")
         self.top_k, self.penalty = col("top_k", torch.long), col("repetition_penalty")
-        self.greedy = self.temperature.squeeze(1) == 0
-        self.any_top_k = bool((self.top_k > 0).any())
-        self.any_top_p = bool((self.top_p < 1).any())
-        self.any_min_p = bool((self.min_p > 0).any())
-        self.any_penalty = bool((self.penalty != 1).any())
         self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
         self.generators = []
         for p in params:
             g = torch.Generator(device=device)
             g.manual_seed(p.seed if p.seed is not None else int(torch.randint(2**62, ()).item()))
             self.generators.append(g)
+        self._summarize()
+
+    _ROW_TENSORS = ("temperature", "top_p", "min_p", "top_k", "penalty", "seen")
+
+    def _summarize(self) -> None:
+        self.greedy = self.temperature.squeeze(1) == 0
+        self.any_top_k = bool((self.top_k > 0).any())
+        self.any_top_p = bool((self.top_p < 1).any())
+        self.any_min_p = bool((self.min_p > 0).any())
+        self.any_penalty = bool((self.penalty != 1).any())
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (a row may repeat): finished requests leave a running batch."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.seen.device)
+        for name in self._ROW_TENSORS:
+            setattr(self, name, getattr(self, name)[index])
+        self.generators = [self.generators[i] for i in rows]
+        self._summarize()
+
+    def extend(self, other: Sampler) -> None:
+        """Append the rows of another sampler (new requests join a running batch with their own settings)."""
+        for name in self._ROW_TENSORS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.generators += other.generators
+        self._summarize()
 
     def observe(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Record tokens [B, T] for the repetition penalty (mask marks real tokens, not padding)."""
@@ -190,6 +210,41 @@ def stop_token_ids(model: MiniMindForCausalLM, tokenizer) -> set[int]:
     return ids
 
 
+class RowState:
+    """One row's progress through decoding: stop tokens, stop strings, the length limit, its text and token
+    ids (in its Completion). Batched generation and the server's scheduler both feed rows through it."""
+
+    def __init__(self, tokenizer, params: SamplingParams, result: Completion, stops: set[int]) -> None:
+        self.params, self.result, self.stops = params, result, stops
+        self.detok = Detokenizer(tokenizer, params.stop) if tokenizer is not None else None
+        self.steps = 0
+        self.active = params.max_new_tokens > 0
+        result.finish_reason = None if self.active else "length"
+
+    def feed(self, token: int) -> list[str]:
+        """Take the row's next token; return the text pieces it releases. When the row is done, `active`
+        turns False and result.finish_reason says why ("stop" or "length")."""
+        r, pieces = self.result, []
+        self.steps += 1
+        if token in self.stops:
+            r.finish_reason, self.active = "stop", False
+        else:
+            r.token_ids.append(token)
+            if self.detok is not None:
+                piece = self.detok.add(token)
+                if piece:
+                    pieces.append(piece)
+                if self.detok.stopped:
+                    r.finish_reason, self.active = "stop", False
+        if self.active and self.steps >= self.params.max_new_tokens:
+            r.finish_reason, self.active = "length", False
+        if not self.active and self.detok is not None:
+            pieces.append(self.detok.flush())
+        pieces = [p for p in pieces if p]
+        r.text += "".join(pieces)
+        return pieces
+
+
 def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
                   params: SamplingParams | list[SamplingParams], results: list[Completion],
                   use_cache: bool = True) -> Iterator[tuple[int, str]]:
@@ -199,37 +254,17 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
     if len(params) != len(prompts) or len(results) != len(prompts):
         raise ValueError("give one SamplingParams (or one for all) and one Completion per prompt")
     stops = stop_token_ids(model, tokenizer)
-    detok = [Detokenizer(tokenizer, p.stop) if tokenizer is not None else None for p in params]
-    active = [p.max_new_tokens > 0 for p in params]
-    for r, p, a in zip(results, prompts, active):
+    rows = [RowState(tokenizer, p, r, stops) for p, r in zip(params, results)]
+    for r, p in zip(results, prompts):
         r.prompt_tokens = len(p)
-        r.finish_reason = None if a else "length"
-    if not any(active):
+    if not any(row.active for row in rows):
         return
-    for step, tokens in enumerate(decode(model, prompts, params, use_cache)):
+    for tokens in decode(model, prompts, params, use_cache):
         for i, t in enumerate(tokens.tolist()):
-            if not active[i]:
-                continue
-            r = results[i]
-            if t in stops:
-                r.finish_reason, active[i] = "stop", False
-            else:
-                r.token_ids.append(t)
-                if detok[i] is not None:
-                    piece = detok[i].add(t)
-                    if piece:
-                        r.text += piece
-                        yield i, piece
-                    if detok[i].stopped:
-                        r.finish_reason, active[i] = "stop", False
-            if active[i] and step + 1 >= params[i].max_new_tokens:
-                r.finish_reason, active[i] = "length", False
-            if not active[i] and detok[i] is not None:
-                piece = detok[i].flush()
-                if piece:
-                    r.text += piece
+            if rows[i].active:
+                for piece in rows[i].feed(t):
                     yield i, piece
-        if not any(active):
+        if not any(row.active for row in rows):
             return
 
 

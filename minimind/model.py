@@ -110,6 +110,63 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    # Continuous batching (minimind.serve.scheduler): rows leave and join a running batch. All rows share
+    # one time axis ending at `length`; a row's own tokens are right-aligned on it and the positions before
+    # them are invalid (padding), so each row still decodes as if alone.
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (a row may repeat, e.g. n samples of one prompt)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        self.valid, self.next_pos = self.valid[index], self.next_pos[index]
+        self._relayout(self.length, self.max_len)
+
+    def join(self, other: KVCache, extra: int = 0) -> None:
+        """Append the rows of `other`, right-aligned with ours; keep room for `extra` more positions."""
+        length = max(self.length, other.length)
+        parts = [self._aligned(length, length + extra), other._aligned(length, length + extra)]
+        self.k, self.v, self.valid = (torch.cat([a[i] for a in parts], 1 if i < 2 else 0) for i in range(3))
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.length, self.max_len = length, length + extra
+        self._relayout(self.length, self.max_len)
+
+    def reserve(self, n: int, chunk: int = 64) -> None:
+        """Make room for n more positions: drop leading positions no row uses, then grow by whole chunks."""
+        self._relayout(self.length, self.max_len)
+        if self.length + n > self.max_len:
+            grown = self.length + n + chunk - 1
+            self._relayout(self.length, grown - grown % chunk)
+
+    def _aligned(self, length: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v and valid re-laid so our `self.length` positions end at `length`, with room for max_len."""
+        shift = length - self.length
+        k = self.k.new_zeros(self.k.shape[:3] + (max_len,) + self.k.shape[4:])
+        v = torch.zeros_like(k)
+        valid = torch.ones(self.valid.shape[0], max_len, dtype=torch.bool, device=self.valid.device)
+        valid[:, :shift] = False
+        k[:, :, :, shift:length] = self.k[:, :, :, :self.length]
+        v[:, :, :, shift:length] = self.v[:, :, :, :self.length]
+        valid[:, shift:length] = self.valid[:, :self.length]
+        return k, v, valid
+
+    def _relayout(self, length: int, max_len: int) -> None:
+        """Drop leading positions that are padding in every row; hold max_len positions in all."""
+        used = self.valid[:, :length].any(0)
+        start = int(used.long().argmax()) if bool(used.any()) else length
+        if start == 0 and max_len == self.max_len:
+            self.has_padding = not bool(self.valid[:, :length].all())
+            return
+        max_len -= start
+        k = self.k.new_zeros(self.k.shape[:3] + (max_len,) + self.k.shape[4:])
+        v = torch.zeros_like(k)
+        valid = torch.ones(self.valid.shape[0], max_len, dtype=torch.bool, device=self.valid.device)
+        k[:, :, :, :length - start] = self.k[:, :, :, start:length]
+        v[:, :, :, :length - start] = self.v[:, :, :, start:length]
+        valid[:, :length - start] = self.valid[:, start:length]
+        self.k, self.v, self.valid = k, v, valid
+        self.length, self.max_len = length - start, max_len
+        self.has_padding = not bool(self.valid[:, :self.length].all())
+
 
 # ---- blocks -------------------------------------------------------------------------------------
 

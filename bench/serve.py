@@ -1,0 +1,170 @@
+"""Serving throughput: aggregate generated tokens/s with 1, 4 and 16 concurrent streaming clients against one
+continuous-batching server, and against one-request-at-a-time serving (the same server code with --max-batch 1)
+in the same run, rounds interleaved; time to first token median and p95. `python bench/serve.py [--model DIR]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+try:  # the openai SDK of this pin ships its HTTP client as httpx2
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+from minimind.serve.commands import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_model_dir(out: Path, preset: str) -> Path:
+    """A randomly initialised preset with a tokenizer trained on the built-in English text (full vocabulary)."""
+    from minimind.checkpoint import save_model
+    from minimind.config import ModelConfig
+    from minimind.data.builtin import english_documents
+    from minimind.model import MiniMindForCausalLM
+    from minimind.tokenizer import train_tokenizer
+
+    cfg = ModelConfig.preset(preset)
+    text, size = [], 0
+    for doc in english_documents():
+        text.append(doc)
+        size += len(doc)
+        if size > 3_000_000:
+            break
+    (out / "text.txt").write_text("\n".join(text), encoding="utf-8")
+    tok = train_tokenizer([out / "text.txt"], vocab_size=cfg.vocab_size, out_dir=out / "tok", progress=False)
+    torch.manual_seed(0)
+    save_model(MiniMindForCausalLM(cfg), out / preset, tok)
+    return out / preset
+
+
+def start(model: Path, max_batch: int, dtype: str, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--port", str(port),
+           "--device", "cpu", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "256",
+           "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def one_request(http: httpx.Client, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
+    """Stream one completion; returns (time to first token, completion tokens)."""
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start, ttft, tokens = time.perf_counter(), None, 0
+    with http.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            if '"usage"' in line:  # only the last chunk: keep the client's own work small
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return ttft or 0.0, tokens
+
+
+def load(url: str, clients: int, prompts: list[list[int]], new_tokens: int) -> dict:
+    """`clients` closed-loop clients work through all prompts; aggregate tokens/s over the wall time."""
+    todo: queue.Queue = queue.Queue()
+    for p in prompts:
+        todo.put(p)
+    ttfts, tokens, lock = [], [0], threading.Lock()
+
+    def client() -> None:
+        http = httpx.Client()  # one connection per client, kept alive between its requests
+        while True:
+            try:
+                p = todo.get_nowait()
+            except queue.Empty:
+                http.close()
+                return
+            t, n = one_request(http, url, p, new_tokens)
+            with lock:
+                ttfts.append(t)
+                tokens[0] += n
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"tok_s": tokens[0] / wall, "ttft": ttfts, "tokens": tokens[0]}
+
+
+def p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model directory (default: a random minimind2-small)")
+    ap.add_argument("--preset", default="minimind2-small", help="preset of the random model")
+    ap.add_argument("--requests", type=int, default=16, help="requests per measurement")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
+    ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per request (eos ignored)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (figures are medians)")
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="served dtype")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: default)")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else random_model_dir(Path(tmp), args.preset)
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(40, 6000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
+        servers = {"batched": start(model, 16, args.dtype, args.threads),
+                   "one-at-a-time": start(model, 1, args.dtype, args.threads)}
+        try:
+            configs = [("one-at-a-time", 16), ("batched", 1), ("batched", 4), ("batched", 16)]
+            with httpx.Client() as http:  # warm up both
+                for _, url in servers.values():
+                    one_request(http, url, prompts[0], 4)
+            runs: dict = {c: [] for c in configs}
+            for r in range(args.rounds):
+                for name, clients in configs:
+                    res = load(servers[name][1], clients, prompts, args.new_tokens)
+                    runs[(name, clients)].append(res)
+                    print(f"round {r + 1}: {name:14s} {clients:2d} clients: {res['tok_s']:7.1f} tok/s", flush=True)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    print(f"\n{model.name}, {args.dtype}, {args.requests} requests x ({args.prompt_len} prompt + {args.new_tokens} new "
+          f"tokens), median of {args.rounds} interleaved rounds")
+    print("| server | clients | aggregate tok/s | vs one-at-a-time | TTFT median (s) | TTFT p95 (s) |")
+    print("|---|---|---|---|---|---|")
+    base = statistics.median(x["tok_s"] for x in runs[("one-at-a-time", 16)])
+    for (name, clients), res in runs.items():
+        tok_s = statistics.median(x["tok_s"] for x in res)
+        ttft = [t for x in res for t in x["ttft"]]
+        print(f"| {name} | {clients} | {tok_s:.1f} | {tok_s / base:.2f}x | {statistics.median(ttft):.3f} | "
+              f"{p95(ttft):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

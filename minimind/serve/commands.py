@@ -1,0 +1,136 @@
+"""The `serve` and `webui` subcommands: `add_serve_parser(sub)` adds them to the `minimind` CLI.
+`minimind serve --model DIR [--port 8998]`, `minimind webui --model DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from minimind import MiniMindError
+
+WEBUI = Path(__file__).with_name("webui.py")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def load_served_model(args: argparse.Namespace):
+    """Model and tokenizer for --model (with --lora applied), on --device in --dtype."""
+    from minimind.cli import load_for_inference
+
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(args)
+    if getattr(args, "lora", None):
+        from minimind.lora import load_adapter  # only needed (and only importable) with --lora
+
+        model = load_adapter(model, args.lora) or model
+        model.eval()
+    return model, tokenizer
+
+
+def start_api_thread(args: argparse.Namespace, host: str, port: int):
+    """Run the API server in a background thread of this process; returns the uvicorn.Server once it listens."""
+    import uvicorn
+
+    from minimind.serve.api import create_app
+
+    model, tokenizer = load_served_model(args)
+    app = create_app(model, tokenizer, name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
+                     max_batch=args.max_batch, max_queue=args.max_queue)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="minimind-api", daemon=True).start()
+    deadline = time.time() + 60
+    while not server.started:
+        if time.time() > deadline or (server.should_exit and not server.started):
+            raise MiniMindError(f"the API server did not start on {host}:{port}")
+        time.sleep(0.05)
+    return server
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from minimind.serve.api import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or os.environ.get("MINIMIND_API_KEY")):
+        print(f"minimind: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    model, tokenizer = load_served_model(args)
+    name = args.name or Path(args.model).resolve().name
+    print(f"minimind: serving {name} ({model.num_parameters() / 1e6:.1f}M parameters) at "
+          f"http://{args.host}:{args.port}/v1 (max batch {args.max_batch})", file=sys.stderr)
+    serve(model, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
+          max_batch=args.max_batch, max_queue=args.max_queue)
+
+
+def cmd_webui(args: argparse.Namespace) -> None:
+    if not args.api and not args.model:
+        raise MiniMindError("give --model DIR (starts an API server in this process) or --api URL")
+    api = args.api
+    if args.model:
+        port = free_port()
+        start_api_thread(args, "127.0.0.1", port)
+        api = f"http://127.0.0.1:{port}/v1"
+    cmd = [sys.executable, "-m", "streamlit", "run", str(WEBUI), "--server.port", str(args.port),
+           "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--", "--api", api]
+    env = dict(os.environ)
+    if args.api_key:
+        env["MINIMIND_API_KEY"] = args.api_key  # the page reads it from the environment, not argv (ps shows argv)
+    print(f"minimind: chat page at http://{args.host}:{args.port} (API {api})", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def stop(*_) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a plain `kill` must take the page down with us
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--model", required=required, help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory to apply to the model")
+    p.add_argument("--name", default=None, help="model id shown by /v1/models (default: the directory's name)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIMIND_API_KEY, else no auth)")
+    p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (continuous batching)")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get HTTP 429")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `serve` and `webui` to the CLI's subcommands."""
+    p = sub.add_parser("serve", help="OpenAI-compatible API server with continuous batching",
+                       description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health.")
+    _model_flags(p, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8998, help="port to listen on")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("webui", help="Streamlit chat page (starts an API server for --model, or uses --api)")
+    _model_flags(p, required=False)
+    p.add_argument("--api", default=None, help="use a running API server, e.g. http://127.0.0.1:8998/v1")
+    p.add_argument("--host", default="127.0.0.1", help="address the page binds")
+    p.add_argument("--port", type=int, default=8501, help="port of the page")
+    p.set_defaults(func=cmd_webui)

@@ -1,0 +1,149 @@
+"""The web chat page (Streamlit): streamed answers, history, a collapsible thinking section, tools with the tool
+loop shown, sampling settings. `minimind webui --model DIR`, or `streamlit run webui.py -- --api URL`.
+
+It talks to the OpenAI-compatible API (minimind.serve.api) through the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import streamlit as st
+
+from minimind.tools import TOOLS, run_tool, tool_schemas
+
+MAX_TOOL_ROUNDS = 4  # model -> tool -> model ... at most this many calls per question
+
+
+def page_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="webui.py")
+    p.add_argument("--api", default="http://127.0.0.1:8998/v1", help="the API's base URL (ending in /v1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="initial temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.9, help="initial top_p")
+    p.add_argument("--max-tokens", type=int, default=512, help="initial max_tokens")
+    return p.parse_known_args(argv)[0]
+
+
+@st.cache_resource
+def client(api: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=api, api_key=os.environ.get("MINIMIND_API_KEY") or "none", max_retries=1)
+
+
+@st.cache_data(ttl=60)
+def model_card(api: str) -> dict:
+    try:
+        m = client(api).models.list().data[0]
+        return {"id": m.id, **(m.model_extra or {})}
+    except Exception as e:  # shown on the page; the chat itself reports its own errors
+        return {"id": "unreachable", "error": str(e)}
+
+
+def show_tool_call(call: dict, result: str | None) -> None:
+    fn = call["function"]
+    with st.expander(f"Tool call: {fn['name']}({fn['arguments']})", expanded=False):
+        st.code(f"arguments: {fn['arguments']}\nresult: {result}", language="text")
+
+
+def show_history(messages: list[dict]) -> None:
+    results = {m.get("tool_call_id"): m["content"] for m in messages if m["role"] == "tool"}
+    for m in messages:
+        if m["role"] == "tool":
+            continue
+        with st.chat_message(m["role"]):
+            if m.get("reasoning_content"):
+                with st.expander("Thinking", expanded=False):
+                    st.markdown(m["reasoning_content"])
+            for call in m.get("tool_calls") or []:
+                show_tool_call(call, results.get(call.get("id")))
+            if m.get("content"):
+                st.markdown(m["content"])
+
+
+def stream_reply(api: str, messages: list[dict], settings: dict) -> dict:
+    """One streamed assistant turn, drawn as it arrives; returns the message (content, reasoning, tool calls)."""
+    reasoning, content, calls = "", "", {}
+    think_box = st.expander("Thinking", expanded=True) if settings["thinking"] else None
+    think_slot = think_box.empty() if think_box else None
+    slot = st.empty()
+    extra = {"chat_template_kwargs": {"enable_thinking": settings["thinking"]}}
+    stream = client(api).chat.completions.create(
+        model=settings["model"], messages=messages, stream=True, temperature=settings["temperature"],
+        top_p=settings["top_p"], max_tokens=settings["max_tokens"], tools=settings["tools"] or None,
+        extra_body=extra)
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        piece = (delta.model_extra or {}).get("reasoning_content")
+        if piece and think_slot is not None:
+            reasoning += piece
+            think_slot.markdown(reasoning + "▌")
+        for tc in delta.tool_calls or []:
+            calls[tc.index] = {"id": tc.id, "type": "function",
+                               "function": {"name": tc.function.name, "arguments": tc.function.arguments}}
+        if delta.content:
+            content += delta.content
+            slot.markdown(content + "▌")
+    if think_slot is not None:
+        think_slot.markdown(reasoning or "_(no thinking)_")
+    slot.markdown(content)
+    message = {"role": "assistant", "content": content}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return message
+
+
+def main() -> None:
+    args = page_args(sys.argv[1:])
+    st.set_page_config(page_title="MiniMind chat", page_icon="💬")
+    card = model_card(args.api)
+    with st.sidebar:
+        st.header("MiniMind")
+        size = card.get("parameters")
+        st.markdown(f"**Model:** `{card['id']}`" + (f"  \n**Size:** {size / 1e6:.1f}M parameters" if size else "")
+                    + (f"  \n**Context:** {card['context_length']} tokens" if card.get("context_length") else ""))
+        if card.get("error"):
+            st.error(f"API at {args.api} unreachable: {card['error']}")
+        thinking = st.toggle("Thinking", value=False, help="let the model think first (enable_thinking)")
+        chosen = st.multiselect("Tools", list(TOOLS), default=[], help="functions the model may call")
+        temperature = st.slider("Temperature", 0.0, 2.0, args.temperature, 0.05)
+        top_p = st.slider("Top-p", 0.05, 1.0, args.top_p, 0.05)
+        max_tokens = st.number_input("Max tokens", 1, 8192, args.max_tokens, 16)
+        if st.button("Clear history"):
+            st.session_state.messages = []
+    st.title("MiniMind chat")
+    messages = st.session_state.setdefault("messages", [])
+    show_history(messages)
+    settings = {"model": card["id"], "thinking": thinking, "tools": tool_schemas(chosen) if chosen else None,
+                "temperature": temperature, "top_p": top_p, "max_tokens": int(max_tokens)}
+    prompt = st.chat_input("Say something")
+    if not prompt:
+        return
+    messages.append({"role": "user", "content": prompt})
+    with st.chat_message("user"):
+        st.markdown(prompt)
+    with st.chat_message("assistant"):
+        try:
+            for _ in range(MAX_TOOL_ROUNDS + 1):
+                reply = stream_reply(args.api, messages, settings)
+                messages.append(reply)
+                if not reply.get("tool_calls"):
+                    break
+                for call in reply["tool_calls"]:  # the tool loop: run each call, show it, feed the result back
+                    result = run_tool(call["function"]["name"], call["function"]["arguments"])
+                    show_tool_call(call, result)
+                    messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        except Exception as e:  # the API is down or refused the request: say so on the page
+            st.error(f"request failed: {e}")
+            st.caption(json.dumps({"api": args.api}))
+
+
+if __name__ == "__main__":
+    main()

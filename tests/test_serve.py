@@ -1,0 +1,426 @@
+"""The API server: continuous batching against single-request decoding, the streaming parser, and the real
+server in a subprocess driven by the official `openai` client. `pytest tests/test_serve.py`."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CORPUS, small_model
+
+try:  # the openai SDK of this pin ships its HTTP client as httpx2
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+from minimind.chat import encode_chat, parse_assistant, render
+from minimind.generation import SamplingParams, generate
+from minimind.serve.api import StreamParser, create_app
+from minimind.serve.commands import free_port
+from minimind.serve.scheduler import Scheduler
+from minimind.tools import CALCULATOR_TOOL
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-key-123"
+TOOL = CALCULATOR_TOOL  # the real tool, so the web page can run the whole tool loop
+ASK = {"role": "user", "content": "What is 2 + 3?"}
+CALL = {"role": "assistant", "content": "",
+        "tool_calls": [{"name": "calculator", "arguments": {"expression": "2 + 3"}}]}
+HELLO_ANSWER = "Hi there! The king is dead; long live the king."
+# (conversation, tools, enable_thinking): what the served model is taught by heart, so every feature has a
+# known right answer: a plain reply, thinking, a tool call and the answer after the tool's result.
+LESSONS = [
+    ([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": HELLO_ANSWER}], None, False),
+    ([{"role": "user", "content": "Why?"}, {"role": "assistant", "reasoning_content": "To be, or not to be.",
+                                             "content": "That is the question."}], None, True),
+    ([ASK, CALL], [TOOL], False),
+    ([ASK, CALL, {"role": "tool", "content": "5"}, {"role": "assistant", "content": "The answer is 5."}],
+     [TOOL], False),
+]
+
+
+def build_chat_model(root: Path) -> Path:
+    """A small random model trained by heart on LESSONS (about 10 s), with a tokenizer whose merges cover the
+    chat and tool prompts (so sequences stay short). Built once per session, into `root`."""
+    from minimind.checkpoint import save_model
+    from minimind.tokenizer import train_tokenizer
+
+    out = root / "model"
+    if (out / "config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(render(c, tools=t) for c, t, _ in LESSONS)
+    (root / "corpus.txt").write_text("\n".join([text] * 20 + CORPUS * 20), encoding="utf-8")
+    tok = train_tokenizer([root / "corpus.txt"], vocab_size=600, out_dir=root / "tok", progress=False)
+    rows = [encode_chat(tok, c, tools=t) for c, t, _ in LESSONS]
+
+    def batch(part):
+        width = max(len(ids) for ids, _ in part)
+        ids = torch.zeros(len(part), width, dtype=torch.long)
+        labels = torch.full((len(part), width), -100)
+        for r, (i, m) in enumerate(part):
+            ids[r, :len(i)] = torch.tensor(i)
+            labels[r, :len(i)] = torch.where(torch.tensor(m) == 1, torch.tensor(i), -100)
+        return ids, labels
+
+    batches = [batch([r for r in rows if len(r[0]) > 100]), batch([r for r in rows if len(r[0]) <= 100])]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine one thread is several times faster than two
+    try:
+        model = small_model("qwen3", seed=0, vocab_size=600, max_position_embeddings=1024).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            for ids, labels in batches:
+                model(ids, labels=labels).loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_model(model.eval(), out, tok)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    return build_chat_model(tmp_path_factory.getbasetemp() / "serve_chat_model")
+
+
+def start_server(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model_dir), "--port", str(port),
+           "--device", "cpu", "--dtype", "float32", "--threads", "1", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server(chat_model_dir):
+    proc, url = start_server(chat_model_dir, "--api-key", API_KEY, "--max-batch", "16")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(chat_model_dir):
+    """The same model in this process, for reference answers."""
+    from minimind.checkpoint import load_model
+    from minimind.tokenizer import load_tokenizer
+
+    return load_model(chat_model_dir), load_tokenizer(chat_model_dir)
+
+
+def greedy(local, messages, tools=None, think=False, max_new_tokens=60, stop=()):
+    model, tok = local
+    ids, _ = encode_chat(tok, messages, tools=tools, add_generation_prompt=True, enable_thinking=think)
+    return ids, generate(model, tok, [ids], SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
+                                                           stop=stop))[0]
+
+
+# ---- no server needed ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_stream_parser_deltas_add_up_to_parse_assistant(thinking):
+    texts = ["Hello there, friend.\n", "x <tool_call>\n{\"name\": \"calc\", \"arguments\": {\"x\": \"1\"}}\n"
+             "</tool_call> and <tool_call>{\"name\": \"f\"}</tool_call>", "a < b <tool_call> not json </tool_call>",
+             "<tool_call>{\"name\": \"calc\"", "plain <tool_ca"]
+    if thinking:
+        texts = [f"step one\nstep <b>two</b>\n</think>\n\n{t}" for t in texts] + ["still thinking <thi"]
+    rng = random.Random(0)
+    for text in texts:
+        for _ in range(5):
+            cuts = sorted(rng.sample(range(1, len(text)), min(6, len(text) - 1)))
+            parser, got = StreamParser(thinking), {"reasoning_content": "", "content": "", "tool_calls": []}
+            for a, b in zip([0] + cuts, cuts + [len(text)]):
+                deltas = parser.feed(text[a:b])
+                for d in deltas:
+                    for k, v in d.items():
+                        got[k] += v
+            for d in parser.finish():
+                for k, v in d.items():
+                    got[k] += v
+            want = parse_assistant(("<think>\n" if thinking else "") + text)
+            assert got["tool_calls"] == parser.message["tool_calls"]
+            assert got["content"] == want["content"]
+            assert got["reasoning_content"] == (want["reasoning_content"] or "")
+            assert [c["function"] for c in got["tool_calls"]] == [c["function"] for c in want["tool_calls"]]
+            assert [c["index"] for c in got["tool_calls"]] == list(range(len(want["tool_calls"])))
+
+
+def test_continuous_batching_decodes_each_row_as_if_alone():
+    """Requests join a running batch at different steps and leave at different lengths; greedy rows must
+    equal single-request decoding token for token, and seeded sampled rows must not depend on the company."""
+    torch.manual_seed(0)
+    model = small_model("qwen3", seed=3)
+    model.config.eos_token_id = -1  # never stop early: every row runs to its own length
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (3, 17, 9, 1, 30, 5, 12, 2)]
+    params = [SamplingParams(max_new_tokens=6 + 3 * i, temperature=0 if i % 3 else 1.0, top_k=0 if i % 3 else 40,
+                             seed=i) for i in range(len(prompts))]
+    alone = [generate(model, None, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+
+    sched = Scheduler(model, None, max_batch=5, max_queue=16)  # fewer slots than requests: some must wait
+    done = threading.Event()
+    finished = []
+
+    def emit(ev):
+        if ev.kind == "done":
+            finished.append(ev)
+            if len(finished) == len(prompts):
+                done.set()
+
+    # All arrive at once: five start together, the other three join one by one as rows of different lengths
+    # finish and free their slots, i.e. at different steps of a running batch.
+    jobs = [sched.submit(p, [sp], emit) for p, sp in zip(prompts, params)]
+    sched.start()
+    try:
+        assert done.wait(60)
+    finally:
+        sched.stop()
+    assert [j.results[0].token_ids for j in jobs] == alone
+    assert all(len(j.results[0].token_ids) == sp.max_new_tokens for j, sp in zip(jobs, params))
+    assert sched.peak_batch == 5
+
+
+def test_full_queue_answers_429_in_openai_shape(tokenizer):
+    from fastapi.testclient import TestClient
+
+    app = create_app(small_model("llama"), tokenizer, max_batch=1, max_queue=0)
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
+        assert r.status_code == 429
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and "retry" in err["message"]
+        assert err["code"] == "queue_full"
+
+
+# ---- the real server ------------------------------------------------------------------------------------
+
+
+def test_models_and_health(client, server, chat_model_dir):
+    models = client.models.list().data
+    assert [m.id for m in models] == [chat_model_dir.name]
+    assert models[0].model_extra["context_length"] == 1024
+    health = httpx.get(server + "/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 16
+
+
+def test_plain_chat_and_usage(client, local):
+    msgs = [{"role": "user", "content": "Hello"}]
+    ids, want = greedy(local, msgs)
+    r = client.chat.completions.create(model="any", messages=msgs, temperature=0, max_tokens=60)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and c.message.content == HELLO_ANSWER == parse_assistant(want.text)["content"]
+    assert c.finish_reason == "stop"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), len(want.token_ids))
+    assert r.usage.total_tokens == len(ids) + len(want.token_ids)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
+
+
+def test_streaming_reassembles_to_the_non_streaming_answer(client, local):
+    msgs = [{"role": "user", "content": "Tell me about the king and the question"}]  # not learnt: a long ramble
+    full = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=40)
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=40,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and all(c.created and c.model for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert text == greedy(local, msgs, max_new_tokens=40)[1].text.strip()  # thinking off, no tools: all content
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"messages": [{"role": "user", "content": "Hello"}], "stream": True, "temperature": 0, "max_tokens": 5}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][len("data: "):])
+    assert last["choices"][0]["finish_reason"] == "length" and last["object"] == "chat.completion.chunk"
+
+
+def test_thinking_in_messages_and_deltas(client, local):
+    msgs = [{"role": "user", "content": "Why?"}]
+    r = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=60,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    m = r.choices[0].message
+    assert (m.model_extra["reasoning_content"], m.content) == ("To be, or not to be.", "That is the question.")
+    want = parse_assistant("<think>\n" + greedy(local, msgs, think=True)[1].text)
+    assert want["reasoning_content"] == "To be, or not to be."
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=60, stream=True,
+                                                 extra_body={"open_thinking": True}))  # MiniMind's alias
+    reasoning = "".join(c.choices[0].delta.model_extra.get("reasoning_content") or "" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert (reasoning, content) == ("To be, or not to be.", "That is the question.")
+    # thinking off: the model sees an empty think block, and nothing comes back as reasoning
+    off = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=30)
+    assert off.usage.prompt_tokens > r.usage.prompt_tokens
+    assert off.choices[0].message.model_extra.get("reasoning_content") is None
+
+
+def test_tool_calls_and_the_tool_loop(client):
+    r = client.chat.completions.create(model="m", messages=[ASK], tools=[TOOL], temperature=0, max_tokens=60)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and not c.message.content
+    call = c.message.tool_calls[0]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert (call.function.name, json.loads(call.function.arguments)) == ("calculator", {"expression": "2 + 3"})
+    # streamed: index-based tool_call deltas
+    chunks = list(client.chat.completions.create(model="m", messages=[ASK], tools=[TOOL], temperature=0,
+                                                 max_tokens=60, stream=True))
+    deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    got = [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas]
+    assert got == [(0, "calculator", {"expression": "2 + 3"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the history carries the assistant's call and a `tool` message; the model answers with the result
+    history = [ASK, c.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "5"}]
+    final = client.chat.completions.create(model="m", messages=history, tools=[TOOL], temperature=0, max_tokens=60)
+    assert final.choices[0].message.content == "The answer is 5." and final.choices[0].finish_reason == "stop"
+    # tool_choice "none": no tools offered, so no call comes back as a tool call
+    none = client.chat.completions.create(model="m", messages=[ASK], tools=[TOOL], tool_choice="none",
+                                          temperature=0, max_tokens=60)
+    assert not none.choices[0].message.tool_calls
+
+
+def test_n_stop_and_length(client, local):
+    msgs = [{"role": "user", "content": "Hello"}]
+    r = client.chat.completions.create(model="m", messages=msgs, n=3, temperature=1.5, seed=7, max_tokens=12)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    again = client.chat.completions.create(model="m", messages=msgs, n=3, temperature=1.5, seed=7, max_tokens=12)
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices]  # seeded
+    assert r.usage.completion_tokens <= 36
+    assert r.usage.prompt_tokens == greedy(local, msgs, max_new_tokens=1)[1].prompt_tokens
+    s = client.chat.completions.create(model="m", messages=msgs, temperature=0, stop=["long live"], max_tokens=60)
+    assert s.choices[0].message.content == HELLO_ANSWER[:HELLO_ANSWER.index("long live")].strip()
+    assert s.choices[0].finish_reason == "stop"
+    n = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_completion_tokens=3)
+    assert n.choices[0].finish_reason == "length" and n.usage.completion_tokens == 3
+
+
+def test_completions_endpoint(client, local):
+    model, tok = local
+    prompt = "To be, or not"
+    want = generate(model, tok, [tok.encode(prompt)], SamplingParams(max_new_tokens=10, temperature=0))[0]
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=10, temperature=0)
+    assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="m", prompt=prompt, max_tokens=10, temperature=0, stream=True))
+    assert streamed == want.text
+
+
+def test_errors_in_openai_shape(server, client):
+    import openai
+
+    h = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    url = server + "/v1/chat/completions"
+
+    def err(r, status):
+        assert r.status_code == status, r.text
+        e = r.json()["error"]
+        assert set(e) == {"message", "type", "param", "code"}
+        return e
+
+    e = err(httpx.post(url, content=b'{"messages": [', headers=h), 400)
+    assert "malformed JSON" in e["message"]
+    e = err(httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+                       headers=h), 400)
+    assert e["param"] == "temperature"
+    e = err(httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}], "n": 0}, headers=h), 400)
+    assert e["param"] == "n"
+    e = err(httpx.post(url, json={"messages": []}, headers=h), 400)
+    assert "at least one message" in e["message"]
+    e = err(httpx.post(url, json={"messages": [{"role": "wizard", "content": "hi"}]}, headers=h), 400)
+    assert "wizard" in e["message"]
+    long = " ".join(["king"] * 1500)
+    e = err(httpx.post(url, json={"messages": [{"role": "user", "content": long}]}, headers=h), 400)
+    assert "1024" in e["message"] and e["code"] == "context_length_exceeded"
+    e = err(httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}]},
+                       headers={"Authorization": "Bearer wrong"}), 401)
+    assert e["type"] == "authentication_error"
+    err(httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}]}), 401)
+    assert httpx.get(server + "/health").status_code == 200  # health needs no key
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_disconnect_frees_the_slot_at_once(server):
+    h = {"Authorization": f"Bearer {API_KEY}"}
+    before = httpx.get(server + "/health").json()["steps"]
+    body = {"prompt": "The king", "max_tokens": 900, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers=h, timeout=60) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+    deadline = time.time() + 10
+    while (health := httpx.get(server + "/health").json())["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert health["running"] == 0
+    time.sleep(0.3)
+    after = httpx.get(server + "/health").json()["steps"]
+    assert after == health["steps"]  # nothing decodes any more
+    assert after - before < 300  # it stopped long before its 900 tokens
+
+
+def test_sixteen_concurrent_streams_equal_single_requests(client, server):
+    prompts = [{"role": "user", "content": c} for c in
+               ["Hello", "Why?", "What is 2 + 3?", "The king", "To be", "question", "Tell me a story",
+                "long live", "今天天气很好", "window breaks", "12 * 3", "yonder", "dead", "Hello there",
+                "light", "not to be"]]
+    lengths = [8 + (i * 5) % 23 for i in range(16)]
+    alone = [client.chat.completions.create(model="m", messages=[p], temperature=0, max_tokens=n).choices[0]
+             .message.content for p, n in zip(prompts, lengths)]
+    outs: list = [None] * 16
+    barrier = threading.Barrier(16)
+
+    def run(i):
+        barrier.wait()
+        time.sleep(0.003 * i)  # slightly staggered: they join a running batch at different steps
+        stream = client.chat.completions.create(model="m", messages=[prompts[i]], temperature=0,
+                                                max_tokens=lengths[i], stream=True)
+        outs[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outs == alone
+    assert httpx.get(server + "/health").json()["peak_batch"] >= 4  # they really were decoded together

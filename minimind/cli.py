@@ -193,7 +193,13 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"saved a randomly initialised {args.preset} model ({cfg.num_parameters():,} parameters) to {args.out}")
 
 
-STAGES = {"pretrain": "minimind.train.pretrain:PretrainStage", "sft": "minimind.train.sft:SFTStage"}
+STAGES = {
+    "pretrain": "minimind.train.pretrain:PretrainStage", "sft": "minimind.train.sft:SFTStage",
+    "lora": "minimind.train.lora:LoRAStage", "dpo": "minimind.train.dpo:DPOStage",
+    "distill": "minimind.train.distill:DistillStage", "reward": "minimind.train.reward:RewardStage",
+    "grpo": "minimind.train.grpo:GRPOStage", "ppo": "minimind.train.ppo:PPOStage",
+    "agent": "minimind.train.agent:AgentStage",
+}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -266,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=cmd_tokenizer_train)
 
-    p = sub.add_parser("train", help="train a stage (pretrain, sft)", description=(
+    p = sub.add_parser("train", help="train a stage (pretrain, sft, lora, dpo, distill, reward, grpo, ppo, agent)",
+                       description=(
         "Settings come from --config FILE.toml, then any --key value override (every TrainConfig field: "
         "data, val_data, init_from, preset, tokenizer, seq_len, batch_size, global_batch_tokens, steps, epochs, "
         "lr, warmup_steps, device, dtype, compile, save_every, eval_every, ...). Under torchrun it runs DDP."))

@@ -13,6 +13,7 @@ from minimind.data.commands import add_data_parser
 from minimind.eval.commands import add_eval_parser
 from minimind.export.commands import add_export_parser
 from minimind.importer import add_import_parser
+from minimind.lora import add_lora_parser
 from minimind.serve.commands import add_serve_parser
 
 
@@ -262,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_export_parser(sub)
     add_serve_parser(sub)
+    add_lora_parser(sub)
 
     tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer").add_subparsers(
         dest="action", required=True, metavar="ACTION")

@@ -142,3 +142,23 @@ def test_chat_tools_runs_the_model_s_tool_call_and_feeds_back_the_result(sft_mod
               stdin="What is 23 * 45?\n").stdout
     assert '[tool] calculator({"expression": "23*45"}) -> 1035' in out
     assert "The answer is 1035." in out.split("-> 1035", 1)[1]
+
+
+def test_train_lora_then_generate_with_it_equals_the_merged_model(sft_model_dir, tmp_path):
+    model_dir = sft_model_dir
+    rows = [{"conversations": [{"role": "user", "content": "Who are you?"},
+                               {"role": "assistant", "content": "I am LoRA-Mind."}]}] * 8
+    data = tmp_path / "id.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("train", "lora", "--data", str(data), "--init_from", str(model_dir), "--out", str(tmp_path / "lora"),
+        "--steps", "10", "--lr", "1e-2", "--seq_len", "128", "--batch_size", "4", "--lora_rank", "4",
+        "--progress", "false", "--dtype", "float32")
+    adapter = tmp_path / "lora" / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    run("lora", "merge", "--model", str(model_dir), "--lora", str(adapter), "--out", str(tmp_path / "merged"))
+    flags = ["--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
+    base = run("generate", "--model", str(model_dir), *flags).stdout
+    with_lora = run("generate", "--model", str(model_dir), "--lora", str(adapter), *flags).stdout
+    merged = run("generate", "--model", str(tmp_path / "merged"), *flags).stdout
+    assert with_lora == merged
+    assert with_lora != base  # ten steps at lr 1e-2 move the greedy reply

@@ -14,6 +14,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from minimind import MiniMindError
+from minimind.data.preferences import make_repetition_pairs
 from minimind.data.tasks import heldout_split, make_dpo_pairs, prompt_row
 
 MAX_DOCUMENT_CHARS = 20_000
@@ -298,14 +299,15 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     sft / sft_val: chatterbot dialogues and generated tasks (sft_val: held-out dialogues and held-out tasks).
     tasks_heldout: held-out task prompts with their `answer`, for accuracy (never in any training file).
     rl: training-split task prompts with answers (GRPO / agent). dpo: chosen = correct reply, rejected = a
-    wrong answer (or, for calculator tasks, an answer without calling the tool). pretrain_tasks: that many
+    wrong answer (or, for tool tasks, an answer without calling the tool) or a repetitive one; dpo_val: the same
+    kinds of pairs from the held-out tasks. pretrain_tasks: that many
     training-split tasks also go into pretrain as plain text (question, worked steps, answer), so a small
     model meets digits and copying before SFT. `families` picks the task families, taken in turn (a family
     named twice gets twice the rows); default: each once."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl"
-             for name in ("pretrain", "pretrain_val", "sft", "sft_val", "tasks_heldout", "rl", "dpo")}
+             for name in ("pretrain", "pretrain_val", "sft", "sft_val", "tasks_heldout", "rl", "dpo", "dpo_val")}
 
     train, heldout = heldout_split(sft_tasks + rl_tasks + dpo_pairs + pretrain_tasks, val_tasks + heldout_tasks,
                                    seed, families)
@@ -328,5 +330,11 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     _write_jsonl(paths["sft_val"], sft_val)
     _write_jsonl(paths["tasks_heldout"], (prompt_row(r) for r in heldout[val_tasks:]))
     _write_jsonl(paths["rl"], (prompt_row(r) for r in train[sft_tasks: sft_tasks + rl_tasks]))
-    _write_jsonl(paths["dpo"], make_dpo_pairs(train[sft_tasks + rl_tasks:], seed))
+    # Preference pairs: a wrong or tool-less answer, or a repetitive one (a third of the tasks), vs the right one.
+    dpo_tasks = train[sft_tasks + rl_tasks: sft_tasks + rl_tasks + dpo_pairs]
+    pairs = make_dpo_pairs(dpo_tasks, seed) + make_repetition_pairs(dpo_tasks[: len(dpo_tasks) // 3], seed)
+    random.Random(f"minimind-dpo/{seed}").shuffle(pairs)
+    _write_jsonl(paths["dpo"], pairs)
+    held = heldout[val_tasks:]
+    _write_jsonl(paths["dpo_val"], make_dpo_pairs(held, seed) + make_repetition_pairs(held[: len(held) // 3], seed))
     return paths

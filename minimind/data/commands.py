@@ -58,8 +58,10 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
     from minimind.data.download import add_download_parser
+    from minimind.train.distill import add_distill_parser
 
     add_download_parser(data)
+    add_distill_parser(data)
 
 
 def add_check_convert_parsers(data: argparse._SubParsersAction) -> None:

@@ -32,12 +32,7 @@ def load_served_model(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args)
-    if getattr(args, "lora", None):
-        from minimind.lora import load_adapter  # only needed (and only importable) with --lora
-
-        model = load_adapter(model, args.lora) or model
-        model.eval()
+    model, tokenizer = load_for_inference(args)  # applies --lora (merged into the weights)
     return model, tokenizer
 
 

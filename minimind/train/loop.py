@@ -398,7 +398,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
                             cfg.keep_last)
             d.barrier()
     bar.close()
-    out = run / "model"
+    out = run / getattr(stage, "output", "model")  # a LoRA stage writes an adapter directory instead
     if d.main:
         getattr(stage, "save", save_model)(model, out, tokenizer)
         if loggers:

@@ -218,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from minimind.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, all_stages=args.all)
 
 
 SAMPLES = {
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the built-in data")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    p.add_argument("--all", action="store_true",
+                   help="then LoRA, DPO, distillation and RL from the SFT model, each with its measured effect")
     p.set_defaults(func=cmd_demo)
 
     add_data_parser(sub)

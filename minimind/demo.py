@@ -10,26 +10,33 @@ from pathlib import Path
 from minimind.chat import encode_chat, parse_assistant
 from minimind.checkpoint import load_model
 from minimind.data.builtin import write_builtin
+from minimind.data.tasks import TOOL_FAMILIES
 from minimind.eval.perplexity import score_texts
-from minimind.eval.probes import probe_accuracy
+from minimind.eval.preference import preference_accuracy
+from minimind.eval.probes import probe_accuracy, tool_use
 from minimind.generation import SamplingParams, generate
+from minimind.rl.example import rl_example
 from minimind.tokenizer import chars_per_token, load_tokenizer, train_tokenizer
 from minimind.train.config import TrainConfig
+from minimind.train.distill import DistillStage, heldout_kl
+from minimind.train.dpo import DPOStage
 from minimind.train.loop import train
+from minimind.train.lora import lora_example, side_by_side_markdown
 from minimind.train.pretrain import PretrainStage
 from minimind.train.sft import SFTStage
 
 # Sized for 2 CPU cores. The machine's speed varies a lot, so each stage gets a time budget (seconds) and
 # fits its number of steps to it (capped by the steps given). SFT gets the larger share: the measured
 # skills (worked arithmetic, counting, units, identity) are taught there. `quick` is for tests.
-# Arithmetic is the hardest skill to learn in minutes, so it gets three shares of the generated tasks.
-FAMILIES = ("arithmetic", "counting", "arithmetic", "units", "identity", "arithmetic", "calculator", "converter")
-FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=200, sft_steps=5000, sft_budget=400, seq_len=256,
-            sft_seq_len=512, batch=16, probes=300, data=dict(sft_tasks=8000, pretrain_tasks=12000, families=FAMILIES))
+FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=200, sft_steps=5000, sft_budget=480, seq_len=256,
+            sft_seq_len=512, batch=16, probes=300, data=dict(sft_tasks=8000, pretrain_tasks=12000),
+            # --all: the post-training stages
+            lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=600)
 QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128,
              sft_seq_len=512, batch=8, probes=24,
              data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
-                       heldout_tasks=40, rl_tasks=50, dpo_pairs=50))
+                       heldout_tasks=40, rl_tasks=50, dpo_pairs=50),
+             lora_steps=4, dpo_steps=4, dpo_budget=0, distill_steps=4, distill_budget=0, rl_budget=0)
 
 CHATS = [
     ("Who are you?", False),
@@ -49,7 +56,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def run_demo(out: Path, quick: bool = False) -> None:
+def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
     size = QUICK if quick else FULL
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +110,10 @@ def run_demo(out: Path, quick: bool = False) -> None:
     val_pre, val_sft = last_val_loss(out / "pretrain"), last_val_loss(out / "sft")
     texts = [r["text"] for r in read_jsonl(files["pretrain_val"])][:200 if not quick else 10]
     bpb = score_texts(load_model(pre_dir), tokenizer, texts, seq_len=size["seq_len"]).bits_per_byte
-    tasks = [r for r in read_jsonl(files["tasks_heldout"]) if r.get("task") != "calculator"][:size["probes"]]
-    probes = probe_accuracy(model, tokenizer, tasks)
+    heldout = read_jsonl(files["tasks_heldout"])
+    text_tasks = [r for r in heldout if r.get("task") not in TOOL_FAMILIES][:size["probes"]]
+    probes = probe_accuracy(model, tokenizer, text_tasks)
+    tools = tool_use(model, tokenizer, [r for r in heldout if r.get("task") in TOOL_FAMILIES][:size["probes"]])
     say("| measure | value |")
     say("|---|---|")
     say(f"| pretraining validation loss (nats/token) | {val_pre:.3f} |")
@@ -115,6 +124,11 @@ def run_demo(out: Path, quick: bool = False) -> None:
     for family, acc in probes.family_accuracy().items():
         n = probes.by_family[family][1]
         say(f"| - {family} | {acc:.1%} of {n} |")
+    say(f"| well-formed thinking (one closed think block, an answer, a stop) | {probes.format_rate:.1%} "
+        f"of {probes.thought} |")
+    say(f"| tool tasks (calculator, unit_convert; tools run): valid call / correct tool use / right answer | "
+        f"{tools['valid_call_rate']:.1%} / {tools['correct_tool_use']:.1%} / {tools['answer_accuracy']:.1%} "
+        f"of {tools['n']} |")
     stage_time("evaluation", t0)
 
     say("\n## 6. Sample chats (greedy)")
@@ -128,9 +142,66 @@ def run_demo(out: Path, quick: bool = False) -> None:
             say(f"> thinking: {reply['reasoning_content']!r}")
         say(f"**minimind:** {reply['content']}")
 
+    if all_stages:
+        post_training(out, files, pre_dir, sft_dir, size, say)
     say(f"\nDone in {time.perf_counter() - start:.0f} s. Chat with it: `.venv/bin/minimind chat --model {sft_dir}`")
     (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     print(f"report: {out / 'report.md'}")
+
+
+def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Path, size: dict, say) -> None:
+    """`minimind demo --all`: LoRA, DPO, distillation and RL from the SFT model, each with its measured effect."""
+    tokenizer = load_tokenizer(sft_dir)
+    common = dict(workers=1, progress=False, log_every=10, keep_last=1)
+
+    say("\n## 7. LoRA: a new identity in an adapter")
+    t0 = time.perf_counter()
+    rows = lora_example(sft_dir, out / "lora", steps=size["lora_steps"])
+    say(f"An adapter (`{out / 'lora' / 'adapter'}`, PEFT layout) trained on generated rows that name the model "
+        "LoRA-Mind; greedy replies of the base model and of the base model with the adapter:\n")
+    say(side_by_side_markdown(rows))
+    stage_time = lambda label: say(f"   ({label} took {time.perf_counter() - t0:.0f} s)")  # noqa: E731
+    stage_time("LoRA")
+
+    say("\n## 8. DPO on preference pairs")
+    t0 = time.perf_counter()
+    sft_model = load_model(sft_dir)
+    before = preference_accuracy(sft_model, tokenizer, files["dpo_val"])
+    dpo_dir = train(TrainConfig(stage="dpo", out=str(out / "dpo"), data=str(files["dpo"]), init_from=str(sft_dir),
+                                steps=size["dpo_steps"], time_budget=size["dpo_budget"], lr=2e-4, dpo_beta=0.1,
+                                batch_size=8, seq_len=size["sft_seq_len"], warmup_steps=2, **common), DPOStage)
+    after = preference_accuracy(load_model(dpo_dir), tokenizer, files["dpo_val"])
+    say("Held-out pairs (right vs wrong or tool-less answers, concise vs repetitive replies), scored by the "
+        "per-token log-probability margin of chosen over rejected:\n")
+    say("| model | preference accuracy | mean margin (nats/token) |\n|---|---|---|")
+    say(f"| SFT | {before[0]:.1%} | {before[1]:.3f} |\n| SFT + DPO | {after[0]:.1%} | {after[1]:.3f} |")
+    stage_time("DPO")
+
+    say("\n## 9. Distillation: the SFT model teaches the pretrained one")
+    t0 = time.perf_counter()
+    teacher = sft_model
+    kl_before = heldout_kl(load_model(pre_dir), teacher, tokenizer, files["sft_val"])
+    student_dir = train(TrainConfig(stage="distill", out=str(out / "distill"), data=str(files["sft"]),
+                                    init_from=str(pre_dir), teacher=str(sft_dir), steps=size["distill_steps"],
+                                    time_budget=size["distill_budget"], lr=2e-3, batch_size=16,
+                                    seq_len=size["sft_seq_len"], warmup_steps=5, **common), DistillStage)
+    kl_after = heldout_kl(load_model(student_dir), teacher, tokenizer, files["sft_val"])
+    say(f"Held-out KL(teacher || student) per assistant token: {kl_before:.3f} before, {kl_after:.3f} after "
+        "white-box distillation (cross-entropy plus temperature-scaled KL on the assistant tokens).")
+    stage_time("distillation")
+
+    say("\n## 10. Reinforcement learning: GRPO on tasks, agentic RL on tool use")
+    if not size["rl_budget"]:
+        say("(skipped in the quick run)")
+        return
+    figures = rl_example(sft_dir, out / "data", out / "rl", budget_s=size["rl_budget"])
+    g, a = figures["grpo"], figures["agent"]
+    say(f"GRPO on held-in {', '.join(g['families'])} tasks ({g['steps']} steps, {g['seconds']} s): held-out "
+        f"accuracy {g['before']:.1%} -> {g['after']:.1%} ({g['n']} tasks).")
+    say(f"Agentic RL with the tools ({a['steps']} steps, {a['seconds']} s): correct tool use "
+        f"{a['before']['correct_tool_use']:.1%} -> {a['after']['correct_tool_use']:.1%}, right final answer "
+        f"{a['before']['answer_accuracy']:.1%} -> {a['after']['answer_accuracy']:.1%} ({a['after']['n']} tasks).")
+    say(f"   (RL took {figures['seconds']} s)")
 
 
 def last_val_loss(run: Path) -> float:

@@ -21,7 +21,7 @@ from minimind.data.tasks import question_of
 SMALL = dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=30, heldout_tasks=60,
              rl_tasks=50, dpo_pairs=40)
 KINDS = {"pretrain": "pretrain", "pretrain_val": "pretrain", "sft": "sft", "sft_val": "sft", "tasks_heldout": "rl",
-         "rl": "rl", "dpo": "dpo"}
+         "rl": "rl", "dpo": "dpo", "dpo_val": "dpo"}
 
 CORPUS = """categories:
 - greetings
@@ -92,6 +92,14 @@ def test_strip_gutenberg():
             "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n\nLicence: Project Gutenberg-tm ...")
     assert strip_gutenberg(text).strip() == "ACT I.\n\nWho's there?"
     assert strip_gutenberg("Nothing to strip.\n\nAt all.") == "Nothing to strip.\n\nAt all."
+
+
+def test_preference_pairs_come_from_disjoint_tasks(written):
+    train, val = read(written["dpo"]), read(written["dpo_val"])
+    assert {r["kind"] for r in train if "kind" in r} == {"repetition"} and any("kind" not in r for r in train)
+    # Held-out pairs ask held-out questions only.
+    assert not {question_of({"conversations": r["chosen"]}) for r in train} & {
+        question_of({"conversations": r["chosen"]}) for r in val}
 
 
 def test_files_are_valid_and_render(written):

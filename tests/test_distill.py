@@ -16,7 +16,7 @@ from minimind.data.formats import iter_rows, parse_row
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
-from minimind.train.distill import DistillStage, add_distill_parser, distill_file, kd_kl
+from minimind.train.distill import DistillStage, add_distill_parser, distill_file, heldout_kl, kd_kl
 from minimind.train.loop import train
 
 
@@ -73,23 +73,6 @@ def test_a_teacher_with_another_tokenizer_is_refused(tokenizer, sft_model_dir, t
         stage.setup(load_model(student_dir(tmp_path, tokenizer)), torch.device("cpu"))
     with pytest.raises(MiniMindError, match="distill needs a teacher"):
         DistillStage(TrainConfig(stage="distill"), tokenizer)
-
-
-@torch.no_grad()
-def heldout_kl(student, teacher, tokenizer, path, seq_len=128, rows=32) -> float:
-    """Mean KL(teacher || student) per assistant token (T = 1) over the first rows of an SFT file."""
-    from minimind.chat import encode_chat
-
-    total, count = 0.0, 0
-    for i, (_, row) in enumerate(iter_rows(path, "sft")):
-        if i == rows:
-            break
-        ids, mask = encode_chat(tokenizer, row["messages"], row["tools"])
-        ids, mask = torch.tensor([ids[:seq_len]]), torch.tensor(mask[:seq_len])
-        keep = mask[1:].bool()
-        kl = kd_kl(student(ids).logits[0, :-1][keep], teacher(ids).logits[0, :-1][keep], 1.0)
-        total, count = total + float(kl.sum()), count + int(keep.sum())
-    return total / count
 
 
 def test_white_box_distillation_brings_the_student_closer_to_its_teacher(sft_model_dir, demo_data, tmp_path):

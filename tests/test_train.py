@@ -195,11 +195,15 @@ def test_time_budget_shortens_the_run(corpus, tmp_path):
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
-    proc = run_cli("demo", "--quick", "--out", str(tmp_path / "demo"))
+    proc = run_cli("demo", "--quick", "--all", "--out", str(tmp_path / "demo"))
     report = (tmp_path / "demo" / "report.md").read_text()
     for part in ("Tokenizer", "Pretraining", "Supervised fine-tuning", "bits per byte", "held-out task accuracy",
-                 "Sample chats"):
+                 "well-formed thinking", "tool tasks", "Sample chats", "LoRA", "with the LoRA adapter",
+                 "preference accuracy", "KL(teacher || student)", "Reinforcement learning"):
         assert part in report, part
+    assert (tmp_path / "demo" / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "dpo" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "demo" / "distill" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "sft" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()
     assert "Traceback" not in proc.stderr

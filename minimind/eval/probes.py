@@ -11,6 +11,8 @@ from minimind.chat import encode_chat
 from minimind.data.tasks import REASONING_FAMILIES, is_correct, prompt_row
 from minimind.generation import SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
+from minimind.rl.rewards import answer_reward, tool_correct
+from minimind.rl.rollout import TorchEngine, sample_with_tools
 
 
 @dataclass
@@ -79,3 +81,25 @@ def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], 
         bar.update(len(chunk))
     bar.close()
     return result
+
+
+def tool_use(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 64, max_turns: int = 3) -> dict:
+    """Greedy multi-turn tool use on task rows: the share of replies with the right final answer, of
+    trajectories whose tool call returned the right answer (correct calculator use), and of any valid call."""
+    prompts = []
+    for row in rows:
+        p = prompt_row(row)
+        system = p["conversations"][0]
+        prompts.append(encode_chat(tokenizer, p["conversations"], tools=system.get("tools"),
+                                   add_generation_prompt=True)[0])
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    engine = TorchEngine(model, tokenizer)
+    results = []
+    for lo in range(0, len(prompts), 32):
+        results += sample_with_tools(engine, tokenizer, prompts[lo:lo + 32], 1, params, max_turns=max_turns,
+                                     max_total_len=model.config.max_position_embeddings)
+    samples = [r.sample(row) for r, row in zip(results, rows)]
+    n = max(len(rows), 1)
+    return {"answer_accuracy": sum(answer_reward(s) for s in samples) / n,
+            "correct_tool_use": sum(tool_correct(s) for s in samples) / n,
+            "valid_call_rate": sum(any(c.valid for c in s.tool_calls) for s in samples) / n, "n": len(rows)}

@@ -1,6 +1,6 @@
-"""The built-in RL run: from the demo's SFT model, GRPO on held-in generated tasks and agentic RL on calculator
-tasks, each measured before and after on held-out tasks. `rl_example("runs/demo/sft/model", "runs/demo/data",
-"runs/demo/rl", budget_s=900)` returns the figures (the demo report prints them)."""
+"""The built-in RL run: from the demo's SFT model, GRPO on held-in generated tasks and agentic RL on tool
+tasks (calculator, unit conversion), each measured before and after on held-out tasks.
+`rl_example("runs/demo/sft/model", "runs/demo/data", "runs/demo/rl", budget_s=900)` returns the figures."""
 
 from __future__ import annotations
 
@@ -9,13 +9,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from minimind.chat import encode_chat
 from minimind.checkpoint import load_model
-from minimind.data.tasks import make_tasks, prompt_row
-from minimind.eval.probes import probe_accuracy
-from minimind.generation import SamplingParams
-from minimind.rl.rewards import answer_reward, tool_correct
-from minimind.rl.rollout import TorchEngine, sample_with_tools
+from minimind.data.tasks import TOOL_FAMILIES, make_tasks
+from minimind.eval.probes import probe_accuracy, tool_use
 from minimind.tokenizer import load_tokenizer
 from minimind.train.agent import AgentStage
 from minimind.train.config import TrainConfig
@@ -43,32 +39,10 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def tool_use(model, tokenizer, rows: Sequence[dict], max_new_tokens: int = 64, max_turns: int = 3) -> dict:
-    """Greedy multi-turn tool use on task rows: the share of replies with the right final answer, of
-    trajectories whose tool call returned the right answer (correct calculator use), and of any valid call."""
-    prompts = []
-    for row in rows:
-        p = prompt_row(row)
-        system = p["conversations"][0]
-        prompts.append(encode_chat(tokenizer, p["conversations"], tools=system.get("tools"),
-                                   add_generation_prompt=True)[0])
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
-    engine = TorchEngine(model, tokenizer)
-    results = []
-    for lo in range(0, len(prompts), 32):
-        results += sample_with_tools(engine, tokenizer, prompts[lo:lo + 32], 1, params, max_turns=max_turns,
-                                     max_total_len=model.config.max_position_embeddings)
-    samples = [r.sample(row) for r, row in zip(results, rows)]
-    n = max(len(rows), 1)
-    return {"answer_accuracy": sum(answer_reward(s) for s in samples) / n,
-            "correct_tool_use": sum(tool_correct(s) for s in samples) / n,
-            "valid_call_rate": sum(any(c.valid for c in s.tool_calls) for s in samples) / n, "n": len(rows)}
-
-
 def rl_example(sft_dir: str | Path, data_dir: str | Path, out_dir: str | Path, budget_s: float = 900.0,
                max_probes: int = 200, progress: bool = False) -> dict:
     """GRPO on held-in counting / unit-conversion tasks, and (separately, from the same SFT model) agentic RL on
-    calculator tasks, each measured before and after on held-out tasks; a model that never makes a valid tool
+    tool tasks, each measured before and after on held-out tasks; a model that never makes a valid tool
     call first gets a short tool-call SFT (WARMUP_S) and the agent run is measured from there. Training gets
     what `budget_s` leaves after the measurements. Returns {"grpo": {"before", "after", "n", "families",
     "by_family_before", "by_family_after", "steps", "seconds", "model"}, "agent": {"sft", "before", "after"
@@ -80,9 +54,9 @@ def rl_example(sft_dir: str | Path, data_dir: str | Path, out_dir: str | Path, b
     held_in, held_out = read_jsonl(data_dir / "rl.jsonl"), read_jsonl(data_dir / "tasks_heldout.jsonl")
     families = GRPO["families"]
     grpo_data = write_jsonl(out_dir / "grpo_prompts.jsonl", [r for r in held_in if r.get("task") in families])
-    agent_data = write_jsonl(out_dir / "agent_prompts.jsonl", [r for r in held_in if r.get("task") == "calculator"])
+    agent_data = write_jsonl(out_dir / "agent_prompts.jsonl", [r for r in held_in if r.get("task") in TOOL_FAMILIES])
     probes = [r for r in held_out if r.get("task") in families][:max_probes]
-    tool_probes = [r for r in held_out if r.get("task") == "calculator"][:max_probes]
+    tool_probes = [r for r in held_out if r.get("task") in TOOL_FAMILIES][:max_probes]
 
     before = probe_accuracy(model, tokenizer, probes)
     tools_sft = tool_use(model, tokenizer, tool_probes)
@@ -90,9 +64,9 @@ def rl_example(sft_dir: str | Path, data_dir: str | Path, out_dir: str | Path, b
     agent_start, warm_seconds = sft_dir, 0.0
     if tools_sft["valid_call_rate"] < WARMUP_BELOW:
         # RL needs some successes to compare: a model that never calls the tool first gets a short SFT on
-        # (held-in) calculator conversations; the agent run starts from there and is measured from there.
+        # (held-in) tool conversations; the agent run starts from there and is measured from there.
         t0 = time.perf_counter()
-        warm = write_jsonl(out_dir / "tool_sft.jsonl", make_tasks(800, 1, ["calculator"], "train"))
+        warm = write_jsonl(out_dir / "tool_sft.jsonl", make_tasks(800, 1, TOOL_FAMILIES, "train"))
         agent_start = train(TrainConfig(stage="sft", out=str(out_dir / "tool_sft"), data=str(warm),
                                         init_from=str(sft_dir), steps=300, time_budget=WARMUP_S, seq_len=768,
                                         batch_size=4, lr=2e-3, warmup_steps=3, workers=1, log_every=10,

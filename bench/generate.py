@@ -1,5 +1,6 @@
 """Decode and prefill speed: our generation against transformers' `generate` on the same weights, in the
-same run, interleaved, reported as a ratio. `python bench/generate.py [--presets minimind2-small] [--quick]`"""
+same run, interleaved, reported as a ratio; ours also with weight-only int8 (`--quantize int8`).
+`python bench/generate.py [--presets minimind2-small] [--batches 1]`"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from minimind.config import ModelConfig
 from minimind.device import pick_dtype
 from minimind.generation import SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
+from minimind.quant import quantize_int8
 
 
 def timed(fn) -> float:
@@ -45,6 +47,7 @@ def bench_preset(name: str, batches: list[int], prompt_len: int, new_tokens: int
         models = {
             "ours fp32": load_model(d),
             "ours bf16": load_model(d, dtype=torch.bfloat16),
+            "ours int8": quantize_int8(load_model(d)),
             "hf fp32": AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval(),
             "hf bf16": AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval(),
         }
@@ -68,7 +71,9 @@ def bench_preset(name: str, batches: list[int], prompt_len: int, new_tokens: int
         print(f"  decode batch {batch}: " + " | ".join(f"{k} {v:6.1f}" for k, v in speed.items()) + " tok/s")
         print(f"    ratios: same dtype fp32 {speed['ours fp32'] / speed['hf fp32']:.2f}x, "
               f"bf16 {speed['ours bf16'] / speed['hf bf16']:.2f}x; "
-              f"defaults ({default} vs hf fp32) {speed[default] / speed['hf fp32']:.2f}x")
+              f"defaults ({default} vs hf fp32) {speed[default] / speed['hf fp32']:.2f}x; "
+              f"int8 vs hf fp32 {speed['ours int8'] / speed['hf fp32']:.2f}x, "
+              f"vs hf's fastest {speed['ours int8'] / max(speed['hf fp32'], speed['hf bf16']):.2f}x")
     ids = torch.randint(3, cfg.vocab_size, (1, 512), generator=g)
     pre: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():

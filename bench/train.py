@@ -62,19 +62,25 @@ def contenders(directory: str, dtype: torch.dtype, compile_ours: bool, only: str
     return sides
 
 
-def bench(preset: str, batch: int, seq: int, steps: int, dtype: torch.dtype, compile_ours: bool) -> None:
+def bench(preset: str, batch: int, seq: int, steps: int, dtype: torch.dtype, compile_ours: bool,
+          prompt_share: float = 0.0) -> None:
     cfg = ModelConfig.preset(preset)
     torch.manual_seed(0)
     data = [torch.randint(3, cfg.vocab_size, (batch, seq)) for _ in range(steps + 1)]
+    targets = []
+    for ids in data:  # an SFT batch: the first prompt_share of each row is prompt, with no loss
+        labels = ids.clone()
+        labels[:, :int(seq * prompt_share)] = -100
+        targets.append(labels)
     with tempfile.TemporaryDirectory() as d:
         save_model(MiniMindForCausalLM(cfg), d)
         sides = contenders(d, dtype, compile_ours)
     times: dict[str, list[float]] = {k: [] for k in sides}
     losses: dict[str, list[float]] = {k: [] for k in sides}
-    for i, ids in enumerate(data):  # step 0 warms up (and compiles) and is not timed
+    for i, (ids, labels) in enumerate(zip(data, targets)):  # step 0 warms up (and compiles) and is not timed
         for name, step in sides.items():
             start = time.perf_counter()
-            loss = step({"input_ids": ids, "labels": ids})
+            loss = step({"input_ids": ids, "labels": labels})
             if i:
                 times[name].append(time.perf_counter() - start)
             losses[name].append(loss)
@@ -82,7 +88,8 @@ def bench(preset: str, batch: int, seq: int, steps: int, dtype: torch.dtype, com
     peak = peak_flops(torch.device("cpu"), dtype)
     fpt = flops_per_token(cfg, seq)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
-    label = str(dtype).removeprefix("torch.") + (" + compile" if compile_ours else "")
+    label = str(dtype).removeprefix("torch.") + (" + compile" if compile_ours else "") + \
+        (f" SFT {prompt_share:.0%} prompt" if prompt_share else "")
     print(f"  {label:18s} ours {tps['ours']:7.0f} tok/s (MFU {tps['ours'] * fpt / peak:.2f}) | transformers "
           f"{tps['transformers']:7.0f} tok/s (MFU {tps['transformers'] * fpt / peak:.2f}) | ratio "
           f"{tps['ours'] / tps['transformers']:.2f}x | loss after {steps + 1} steps: ours {losses['ours'][-1]:.4f}, "
@@ -121,6 +128,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per side (after one warm-up step)")
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 comparison")
+    parser.add_argument("--sft", type=float, default=0.5, metavar="SHARE",
+                        help="also time SFT batches whose first SHARE of each row is prompt, without loss "
+                             "(0: skip; MFU counts the output head at every position)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch} x {args.seq}")
     for preset in args.presets:
@@ -128,6 +138,8 @@ def main() -> None:
         bench(preset, args.batch, args.seq, args.steps, torch.bfloat16, False)
         if args.compile:
             bench(preset, args.batch, args.seq, args.steps, torch.bfloat16, True)
+        if args.sft:
+            bench(preset, args.batch, args.seq, args.steps, torch.bfloat16, False, args.sft)
         if not args.no_fp32:
             bench(preset, args.batch, args.seq, args.steps, torch.float32, False)
         mem = {side: peak_memory(preset, side, args.batch, args.seq, "bfloat16") for side in ("ours", "transformers")}

@@ -29,7 +29,7 @@ from minimind.train.sft import SFTStage
 # fits its number of steps to it (capped by the steps given). SFT gets the larger share: the measured
 # skills (worked arithmetic, counting, units, identity) are taught there. `quick` is for tests.
 FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=200, sft_steps=5000, sft_budget=480, seq_len=256,
-            sft_seq_len=512, batch=16, probes=300, data=dict(sft_tasks=8000, pretrain_tasks=12000),
+            sft_seq_len=512, batch=16, probes=300, data=dict(sft_tasks=8000, pretrain_tasks=12000, heldout_tasks=300),
             # --all: the post-training stages
             lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=600)
 QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128,
@@ -43,7 +43,7 @@ CHATS = [
     ("你是谁？", False),
     ("What is 47 + 385?", True),
     ("计算 63 * 7 等于多少？", True),
-    ("Convert 3 kilometers to meters.", False),
+    ("Convert 3 kilometers to meters.", True),
     ("Hello! How are you today?", False),
 ]
 HELD_OUT_TEXT = {

@@ -317,11 +317,16 @@ class MiniMindForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0,
+                logits_mask: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) covers these T tokens only: the
         cache remembers earlier ones. labels [B, T] are the targets unshifted (-100 = no loss), as in
-        transformers. logits_to_keep=N returns logits for the last N positions only (0 = all)."""
+        transformers. logits_to_keep=N returns logits for the last N positions only (0 = all).
+        logits_mask [B, T] (bool) returns logits [N, V] for the N positions where it is True, in row-major
+        order: training skips the output head where there is no target (most of an SFT row's prompt)."""
         B, T = input_ids.shape
+        if logits_mask is not None and (labels is not None or logits_to_keep):
+            raise ValueError("logits_mask cannot be combined with labels or logits_to_keep")
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past + T} requested")
@@ -346,6 +351,8 @@ class MiniMindForCausalLM(nn.Module):
         if cache is not None:
             cache.length += T
             cache.next_pos += T if attention_mask is None else attention_mask.long().sum(-1)
+        if logits_mask is not None:
+            x = x[logits_mask]  # before the norm too: it is per position, so only the kept ones need it
         x = self.model.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

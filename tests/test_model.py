@@ -142,6 +142,29 @@ def test_logits_to_keep_and_tied_embeddings():
     assert torch.allclose(full[:, -1:], last, atol=1e-6)
 
 
+def test_logits_mask_and_the_training_loss_that_uses_it(family):
+    from minimind.train.pretrain import token_loss
+
+    model = small_model(family)
+    ids = torch.randint(3, 320, (3, 12))
+    labels = ids.clone()
+    labels[0, :7] = -100  # an SFT row: prompt without targets
+    labels[2, 9:] = -100  # right padding
+    keep = torch.zeros(3, 12, dtype=torch.bool)
+    keep[0, 3], keep[1, 5:], keep[2, 0] = True, True, True
+    with torch.no_grad():
+        full = model(ids).logits
+        assert torch.allclose(model(ids, logits_mask=keep).logits, full[keep], atol=1e-5)
+        weight = torch.rand(320)
+        loss, n, _ = token_loss(model, {"input_ids": ids, "labels": labels}, weight)
+    expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), weight=weight,
+                                                 ignore_index=-100, reduction="sum")
+    assert n == int((labels[:, 1:] != -100).sum()) == 5 + 11 + 8
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="logits_mask"):
+        model(ids, labels=ids, logits_mask=keep)
+
+
 def test_bf16_save_and_load_round_trip(tmp_path):
     model = small_model("qwen3")
     save_model(model, tmp_path, dtype="bfloat16")

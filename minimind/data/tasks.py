@@ -173,10 +173,10 @@ def _result(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-# Operand digit counts, drawn uniformly. The small sizes give a tiny model a ladder to climb: it learns the
-# digit facts on one- and two-digit problems before the column steps of three-digit ones pay off.
-ARITHMETIC_SIZES = {"+": [(1, 1), (2, 1), (2, 2), (3, 2), (3, 3)], "-": [(1, 1), (2, 1), (2, 2), (3, 2), (3, 3)],
-                    "*": [(1, 1), (2, 1), (2, 1), (2, 2)]}
+# Operand digit counts, drawn uniformly: sums and differences up to two digits, products of up to two digits by
+# one. That is what a ~5M-parameter model learns to work out in its head in minutes (measured: three-digit
+# problems in the mix left it at 0% held-out after the demo's SFT); bigger numbers are the calculator's job.
+ARITHMETIC_SIZES = {"+": [(1, 1), (2, 1), (2, 2)], "-": [(1, 1), (2, 1), (2, 2)], "*": [(1, 1), (2, 1)]}
 CALCULATOR_SIZES = {"+": [(3, 3), (4, 3), (4, 4)], "-": [(3, 3), (4, 3), (4, 4)], "*": [(2, 2), (3, 2), (3, 3)]}
 
 

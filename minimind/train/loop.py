@@ -341,9 +341,11 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     t_start, step_ends, planned = t_last, [], total
     while step < total:
         if cfg.time_budget and not cfg.resume and len(step_ends) >= 4 and step % 5 == 0:
-            # Fit the run to its time budget from the pace of the last few steps (this machine's speed
-            # drifts); the cosine schedule then decays over the steps that remain.
-            recent = step_ends[-11:]
+            # Fit the run to its time budget from the recent pace (this machine's speed drifts); the cosine
+            # schedule then decays over the steps that remain. The window is long because length-grouped
+            # steps differ several-fold in cost, and a short one makes the planned length (and so the
+            # learning rate) jump about. The first step (warm-up, compilation) is left out.
+            recent = step_ends[max(1, len(step_ends) - 101):]
             per_step = (recent[-1] - recent[0]) / (len(recent) - 1)
             left = cfg.time_budget - (time.perf_counter() - t_start)
             total = max(step + 1, min(planned, step + int(left / per_step)))

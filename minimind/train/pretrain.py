@@ -15,12 +15,13 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
     """Sum of next-token cross-entropies over the positions whose label is not -100, their count, and the
     MoE load-balancing loss when the model has one. `weight` (one per vocabulary id) scales the loss of
     chosen target tokens."""
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels.flatten(), weight=weight,
-                           ignore_index=-100, reduction="sum")
+    target = labels != -100
+    # Position t predicts label t + 1: the output head runs only where that label is a target.
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_mask=F.pad(target, (0, 1)))
+    loss = F.cross_entropy(out.logits.float(), labels[target], weight=weight, reduction="sum")
     extra = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
-    return loss, int((labels != -100).sum()), extra
+    return loss, int(target.sum()), extra
 
 
 class PretrainStage:

@@ -12,7 +12,7 @@ from minimind.checkpoint import load_model
 from minimind.data.builtin import write_builtin
 from minimind.data.tasks import TOOL_FAMILIES
 from minimind.eval.perplexity import score_texts
-from minimind.eval.preference import preference_accuracy
+from minimind.eval.preference import pair_margins
 from minimind.eval.probes import probe_accuracy, tool_use
 from minimind.generation import SamplingParams, generate
 from minimind.rl.example import rl_example
@@ -166,15 +166,19 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     say("\n## 8. DPO on preference pairs")
     t0 = time.perf_counter()
     sft_model = load_model(sft_dir)
-    before = preference_accuracy(sft_model, tokenizer, files["dpo_val"])
+    val_pairs = read_jsonl(files["dpo_val"])
+    before = pair_margins(sft_model, tokenizer, val_pairs, per_token=True)
     dpo_dir = train(TrainConfig(stage="dpo", out=str(out / "dpo"), data=str(files["dpo"]), init_from=str(sft_dir),
                                 steps=size["dpo_steps"], time_budget=size["dpo_budget"], lr=2e-4, dpo_beta=0.1,
                                 batch_size=8, seq_len=size["sft_seq_len"], warmup_steps=2, **common), DPOStage)
-    after = preference_accuracy(load_model(dpo_dir), tokenizer, files["dpo_val"])
+    after = pair_margins(load_model(dpo_dir), tokenizer, val_pairs, per_token=True)
     say("Held-out pairs (right vs wrong or tool-less answers, concise vs repetitive replies), scored by the "
         "per-token log-probability margin of chosen over rejected:\n")
     say("| model | preference accuracy | mean margin (nats/token) |\n|---|---|---|")
-    say(f"| SFT | {before[0]:.1%} | {before[1]:.3f} |\n| SFT + DPO | {after[0]:.1%} | {after[1]:.3f} |")
+    for name, margins in (("SFT", before), ("SFT + DPO", after)):
+        say(f"| {name} | {sum(m > 0 for m in margins) / len(margins):.1%} | {sum(margins) / len(margins):.3f} |")
+    say("\nBy kind of pair (pairs ranked right, SFT -> SFT + DPO): " + "; ".join(
+        f"{kind} {b}/{n} -> {a}/{n}" for kind, (b, a, n) in right_by_kind(val_pairs, before, after).items()))
     stage_time("DPO")
 
     say("\n## 9. Distillation: the SFT model teaches the pretrained one")
@@ -202,6 +206,15 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
         f"{a['before']['correct_tool_use']:.1%} -> {a['after']['correct_tool_use']:.1%}, right final answer "
         f"{a['before']['answer_accuracy']:.1%} -> {a['after']['answer_accuracy']:.1%} ({a['after']['n']} tasks).")
     say(f"   (RL took {figures['seconds']} s)")
+
+
+def right_by_kind(pairs: list[dict], before: list[float], after: list[float]) -> dict[str, tuple[int, int, int]]:
+    """{task family and pair kind: (pairs ranked right before, after, pairs)}, to show where DPO has work left."""
+    counts: dict[str, list[int]] = {}
+    for pair, b, a in zip(pairs, before, after):
+        c = counts.setdefault(f"{pair.get('task', 'other')} {pair.get('kind', 'answer')}", [0, 0, 0])
+        c[0], c[1], c[2] = c[0] + (b > 0), c[1] + (a > 0), c[2] + 1
+    return {k: tuple(v) for k, v in sorted(counts.items())}
 
 
 def last_val_loss(run: Path) -> float:

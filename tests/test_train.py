@@ -194,12 +194,20 @@ def test_time_budget_shortens_the_run(corpus, tmp_path):
     assert state["total"] == done
 
 
+def test_right_by_kind_counts_pairs_ranked_right_per_family_and_kind():
+    from minimind.demo import right_by_kind
+
+    pairs = [{"task": "units"}, {"task": "units"}, {"task": "units", "kind": "repetition"}, {}]
+    assert right_by_kind(pairs, [0.5, -0.1, 0.2, 0.0], [0.4, 0.3, -0.2, 0.1]) == {
+        "other answer": (0, 1, 1), "units answer": (1, 2, 2), "units repetition": (1, 0, 1)}
+
+
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     proc = run_cli("demo", "--quick", "--all", "--out", str(tmp_path / "demo"))
     report = (tmp_path / "demo" / "report.md").read_text()
     for part in ("Tokenizer", "Pretraining", "Supervised fine-tuning", "bits per byte", "held-out task accuracy",
                  "well-formed thinking", "tool tasks", "Sample chats", "LoRA", "with the LoRA adapter",
-                 "preference accuracy", "KL(teacher || student)", "Reinforcement learning"):
+                 "preference accuracy", "By kind of pair", "KL(teacher || student)", "Reinforcement learning"):
         assert part in report, part
     assert (tmp_path / "demo" / "lora" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "demo" / "dpo" / "model" / "model.safetensors").is_file()

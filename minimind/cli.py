@@ -21,6 +21,7 @@ def load_for_inference(args: argparse.Namespace):
     """Model and tokenizer from --model, on --device, in --dtype."""
     from minimind.checkpoint import load_model
     from minimind.device import pick_device, pick_dtype
+    from minimind.quant import quantize
     from minimind.tokenizer import load_tokenizer
 
     device = pick_device(args.device)
@@ -29,10 +30,7 @@ def load_for_inference(args: argparse.Namespace):
         from minimind.lora import load_adapter
 
         model = load_adapter(model, args.lora, merge=True)  # folded in: decoding costs nothing extra
-    if getattr(args, "quantize", "none") != "none":
-        from minimind.quant import quantize
-
-        model = quantize(model, args.quantize)
+    model = quantize(model, getattr(args, "quantize", None))
     tokenizer = load_tokenizer(args.model)
     if len(tokenizer) > model.config.vocab_size:
         raise MiniMindError(f"{args.model}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
@@ -234,18 +232,19 @@ SAMPLES = {
 # ---- argument parsing ------------------------------------------------------------------------------
 
 
-def add_quantize_flag(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags that pick and load a model for inference (chat, generate, serve, webui)."""
+    p.add_argument("--model", required=required, help="model directory (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT layout) to apply to the model")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 with bf16 activations, the fastest batch-1 decoding on a CPU")
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT layout) to apply to the model")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
-    add_quantize_flag(p)
+    add_model_flags(p)
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--think", action="store_true", help="let the model think first (enable_thinking) and show it")
     p.add_argument("--max-new-tokens", type=int, default=512, help="stop after this many new tokens")

@@ -213,7 +213,9 @@ def right_by_kind(pairs: list[dict], before: list[float], after: list[float]) ->
     counts: dict[str, list[int]] = {}
     for pair, b, a in zip(pairs, before, after):
         c = counts.setdefault(f"{pair.get('task', 'other')} {pair.get('kind', 'answer')}", [0, 0, 0])
-        c[0], c[1], c[2] = c[0] + (b > 0), c[1] + (a > 0), c[2] + 1
+        c[0] += b > 0
+        c[1] += a > 0
+        c[2] += 1
     return {k: tuple(v) for k, v in sorted(counts.items())}
 
 

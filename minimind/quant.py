@@ -4,7 +4,8 @@ experts, output head) for Int8Linear layers: int8 weights with one scale per out
 Why: decoding one token reads every weight once, so at batch 1 it runs at the speed of memory, not of
 arithmetic. int8 weights are a quarter of fp32's bytes, and PyTorch's CPU kernel for int8 weights with bf16
 activations (`torch._weight_int8pack_mm`) streams them at close to memory speed. The cost is a rounding error of
-about 0.4% of each weight row's largest value, as llama.cpp's q8_0 makes (bench/generate.py has the figures).
+at most 0.4% of each weight row's largest value (llama.cpp's q8_0 is the same idea with a scale per block of
+32 weights). bench/generate.py has the speed figures.
 """
 
 from __future__ import annotations

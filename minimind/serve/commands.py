@@ -101,15 +101,10 @@ def cmd_webui(args: argparse.Namespace) -> None:
 
 
 def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    from minimind.cli import add_quantize_flag  # here, not at the top: minimind.cli imports this module
+    from minimind.cli import add_model_flags  # here, not at the top: minimind.cli imports this module
 
-    p.add_argument("--model", required=required, help="model directory (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--lora", default=None, help="a LoRA adapter directory to apply to the model")
+    add_model_flags(p, required)
     p.add_argument("--name", default=None, help="model id shown by /v1/models (default: the directory's name)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
-    add_quantize_flag(p)
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIMIND_API_KEY, else no auth)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (continuous batching)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from minimind.chat import encode_chat, parse_assistant
 from minimind.checkpoint import load_model
 from minimind.data.builtin import write_builtin
+from minimind.data.preferences import mistake_pairs
 from minimind.data.tasks import TOOL_FAMILIES
 from minimind.eval.perplexity import score_texts
 from minimind.eval.preference import pair_margins
@@ -28,14 +29,18 @@ from minimind.train.sft import SFTStage
 # Sized for 2 CPU cores. The machine's speed varies a lot, so each stage gets a time budget (seconds) and
 # fits its number of steps to it (capped by the steps given). SFT gets the larger share: the measured
 # skills (worked arithmetic, counting, units, identity) are taught there. `quick` is for tests.
+# Arithmetic is the slowest skill to arrive, so it gets three shares of the tasks, and pretraining carries a drill
+# of the one-column facts its worked steps are made of.
+FAMILIES = ("arithmetic", "arithmetic", "arithmetic", "counting", "units", "identity", "calculator", "converter")
 FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=200, sft_steps=5000, sft_budget=480, seq_len=256,
-            sft_seq_len=512, batch=16, probes=300, data=dict(sft_tasks=8000, pretrain_tasks=12000, heldout_tasks=300),
+            sft_seq_len=512, batch=16, probes=300,
+            data=dict(sft_tasks=8000, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=300, families=FAMILIES),
             # --all: the post-training stages
             lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=600)
 QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128,
              sft_seq_len=512, batch=8, probes=24,
              data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
-                       heldout_tasks=40, rl_tasks=50, dpo_pairs=50),
+                       heldout_tasks=40, rl_tasks=50, dpo_pairs=50, pretrain_drill=20),
              lora_steps=4, dpo_steps=4, dpo_budget=0, distill_steps=4, distill_budget=0, rl_budget=0)
 
 CHATS = [
@@ -166,19 +171,32 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     say("\n## 8. DPO on preference pairs")
     t0 = time.perf_counter()
     sft_model = load_model(sft_dir)
+    # Besides the built-in pairs, the SFT model's own wrong answers: on held-in prompts to train on, on held-out
+    # prompts to measure with.
+    train_pairs = read_jsonl(files["dpo"])
+    own = mistake_pairs(sft_model, tokenizer, train_pairs)
     val_pairs = read_jsonl(files["dpo_val"])
+    val_pairs += mistake_pairs(sft_model, tokenizer, val_pairs)
+    dpo_data = out / "dpo_data.jsonl"
+    dpo_data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train_pairs + own), encoding="utf-8")
+    say(f"Training pairs: {len(train_pairs)} built-in, {len(own)} of the SFT model's own wrong answers on held-in "
+        "prompts.")
     before = pair_margins(sft_model, tokenizer, val_pairs, per_token=True)
-    dpo_dir = train(TrainConfig(stage="dpo", out=str(out / "dpo"), data=str(files["dpo"]), init_from=str(sft_dir),
+    dpo_dir = train(TrainConfig(stage="dpo", out=str(out / "dpo"), data=str(dpo_data), init_from=str(sft_dir),
                                 steps=size["dpo_steps"], time_budget=size["dpo_budget"], lr=2e-4, dpo_beta=0.1,
                                 batch_size=8, seq_len=size["sft_seq_len"], warmup_steps=2, **common), DPOStage)
     after = pair_margins(load_model(dpo_dir), tokenizer, val_pairs, per_token=True)
-    say("Held-out pairs (right vs wrong or tool-less answers, concise vs repetitive replies), scored by the "
-        "per-token log-probability margin of chosen over rejected:\n")
+    say("Held-out pairs (right vs wrong or tool-less answers, concise vs repetitive replies, the reference reply vs "
+        "the SFT model's own wrong one), scored by the per-token log-probability margin of chosen over rejected:\n")
     say("| model | preference accuracy | mean margin (nats/token) |\n|---|---|---|")
     for name, margins in (("SFT", before), ("SFT + DPO", after)):
         say(f"| {name} | {sum(m > 0 for m in margins) / len(margins):.1%} | {sum(margins) / len(margins):.3f} |")
     say("\nBy kind of pair (pairs ranked right, SFT -> SFT + DPO): " + "; ".join(
         f"{kind} {b}/{n} -> {a}/{n}" for kind, (b, a, n) in right_by_kind(val_pairs, before, after).items()))
+    # Ranking pairs better is not answering better: say what the tuned model does on the held-out tasks.
+    tasks = [r for r in read_jsonl(files["tasks_heldout"]) if r.get("task") not in TOOL_FAMILIES][:size["probes"]]
+    task_acc = [probe_accuracy(m, tokenizer, tasks).accuracy for m in (sft_model, load_model(dpo_dir))]
+    say(f"\nHeld-out task accuracy (greedy): SFT {task_acc[0]:.1%}, SFT + DPO {task_acc[1]:.1%} ({len(tasks)} tasks).")
     stage_time("DPO")
 
     say("\n## 9. Distillation: the SFT model teaches the pretrained one")

@@ -5,10 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import CORPUS, small_model
 
 from minimind import cli
-from minimind.checkpoint import save_model
+from minimind.checkpoint import load_model, save_model
 
 
 def run(*args, stdin=None, check=True):
@@ -158,8 +159,13 @@ def test_train_lora_then_generate_with_it_equals_the_merged_model(sft_model_dir,
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     run("lora", "merge", "--model", str(model_dir), "--lora", str(adapter), "--out", str(tmp_path / "merged"))
     flags = ["--prompt", "Who are you?", "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32"]
-    base = run("generate", "--model", str(model_dir), *flags).stdout
     with_lora = run("generate", "--model", str(model_dir), "--lora", str(adapter), *flags).stdout
     merged = run("generate", "--model", str(tmp_path / "merged"), *flags).stdout
     assert with_lora == merged
-    assert with_lora != base  # ten steps at lr 1e-2 move the greedy reply
+    # The adapter learnt something and the merge carries it: the fixture's greedy reply may stay the same (it is
+    # barely trained), so compare the models themselves.
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < losses[0] - 0.5
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert (load_model(tmp_path / "merged")(ids).logits - load_model(model_dir)(ids).logits).abs().max() > 0.1

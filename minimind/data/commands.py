@@ -1,4 +1,4 @@
-"""`minimind data ...`: the data subcommands (builtin, check, convert), wired into the main CLI by cli.py.
+"""`minimind data ...`: the data subcommands (builtin, check, convert, mistakes), wired into the main CLI by cli.py.
 `minimind data builtin --out data/`."""
 
 from __future__ import annotations
@@ -45,6 +45,24 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {written:,} rows to {args.out}" + (f" ({len(bad):,} bad lines skipped)" if bad else ""))
 
 
+def cmd_mistakes(args: argparse.Namespace) -> None:
+    import json
+
+    from minimind.checkpoint import atomic_path, load_model
+    from minimind.data.formats import decode_line, iter_rows, read_lines
+    from minimind.data.preferences import mistake_pairs
+    from minimind.tokenizer import load_tokenizer
+
+    raw = dict(read_lines(args.pairs))
+    # Rows in either DPO layout, validated (a bad line fails with file:line); a row's `task` is kept.
+    pairs = [{**row, "task": decode_line(raw[n]).get("task")} for n, row in iter_rows(args.pairs, "dpo")]
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    own = mistake_pairs(model, tokenizer, pairs, batch_size=args.batch_size)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in own), encoding="utf-8")
+    print(f"wrote {len(own):,} pairs of the model's own wrong answers to {args.out}")
+
+
 def add_data_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="built-in data, checks and conversions").add_subparsers(
         dest="action", required=True, metavar="ACTION")
@@ -57,6 +75,15 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-tasks", type=int, default=200, help="held-out task prompts in tasks_heldout.jsonl")
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
+    p = data.add_parser("mistakes", help="DPO pairs of a reference reply over the model's own wrong one",
+                        description="The model answers the prompt of each DPO pair whose chosen reply ends in a "
+                        "number (greedy; tool tasks left out); each wrong answer becomes a pair of the chosen "
+                        "reply over the model's own reply, to train with `minimind train dpo`.")
+    p.add_argument("--model", required=True, help="model directory (with its tokenizer)")
+    p.add_argument("--pairs", required=True, help="DPO .jsonl whose chosen replies are the references")
+    p.add_argument("--out", required=True, help="output DPO .jsonl (written atomically)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
+    p.set_defaults(func=cmd_mistakes)
     from minimind.data.download import add_download_parser
     from minimind.train.distill import add_distill_parser
 

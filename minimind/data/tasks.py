@@ -123,10 +123,15 @@ def _digits(n: int, width: int) -> list[int]:
 
 
 def worked_steps(a: int, op: str, b: int, lang: str) -> str:
-    """Short written working: column addition with carries, column subtraction with borrows (a >= b), or
-    multiplication by place-value parts then their sum."""
+    """Short written working: the problem restated, then column addition with carries, column subtraction with
+    borrows (a >= b), or multiplication by place-value parts then their sum.
+
+    The restatement is there for a small model: copying `23 + 45` from the question is plain in-order copying,
+    and the columns then take their digits from a line at a fixed distance. Measured on the demo's tiny model
+    after 800 arithmetic-only SFT steps of 16 rows, teacher-forced: column digits right 58% without it, 74%
+    with it (97% with 32 rows a step)."""
     t = TEXT[lang]
-    lines = []
+    lines = [f"{a} {op} {b}"]
     if op in "+-":
         width = len(str(max(a, b)))
         carry = 0
@@ -186,6 +191,35 @@ def _arithmetic(rng: random.Random, lang: str) -> Problem:
     r = _result(a, op, b)
     return Problem(_key(a, op, b), rng.choice(TEXT[lang]["ask"]).format(f"{a} {op} {b}"), str(r),
                    TEXT[lang]["answer"].format(r), worked_steps(a, op, b, lang), lang)
+
+
+def arithmetic_drill(n_docs: int, seed: int = 0, facts_per_doc: int = 24) -> list[str]:
+    """Plain-text documents of the one-column facts that worked steps are made of (`6 + 7 = 13`,
+    `6 + 7 + 1 = 14`, `16 - 9 = 7`, `16 - 1 - 9 = 6`, `6 * 7 = 42`, `60 * 7 = 420`, `420 + 42 = 462`), for
+    pretraining. At eight tokens a fact they teach the tables far faster than whole worked problems, which
+    give two or three facts in sixty tokens. A fact whose two operands form a held-out problem is left out."""
+    rng = random.Random(f"minimind-drill/{seed}")
+    docs = []
+    for _ in range(n_docs):
+        lines: list[str] = []
+        while len(lines) < facts_per_doc:
+            fact = _drill_fact(rng)
+            if fact:
+                lines.append(fact)
+        docs.append("\n".join(lines))
+    return docs
+
+
+def _drill_fact(rng: random.Random) -> str | None:
+    x, y, z = rng.randint(0, 9), rng.randint(0, 9), rng.randint(1, 9)
+    form = rng.randrange(7)
+    if form == 1:
+        return f"{x} + {y} + 1 = {x + y + 1}"  # a column with a carry in: no problem has this shape
+    if form == 3:
+        return f"{x + y + 1} - 1 - {y} = {x}"  # a column that lent a borrow
+    a, op, b = [(x, "+", y), None, (x + y, "-", y), None, (z, "*", y), (10 * z, "*", y),
+                (10 * z * y, "+", x * y)][form]
+    return f"{a} {op} {b} = {_result(a, op, b)}" if split_of(_key(a, op, b)) == "train" else None
 
 
 def _calculator(rng: random.Random, lang: str) -> Problem:

@@ -4,12 +4,12 @@ then the final answer is extracted and compared. `probe_accuracy(model, tok, row
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from minimind.chat import encode_chat
 from minimind.data.tasks import REASONING_FAMILIES, is_correct, prompt_row
-from minimind.generation import SamplingParams, generate
+from minimind.generation import Completion, SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
 from minimind.rl.rewards import answer_reward, tool_correct
 from minimind.rl.rollout import TorchEngine, sample_with_tools
@@ -43,14 +43,20 @@ def is_well_formed(generated: str, finish_reason: str | None) -> bool:
     return len(parts) == 2 and "<think>" not in generated and bool(parts[1].strip()) and finish_reason == "stop"
 
 
-def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool | None = None,
-                   max_new_tokens: int = 128, batch_size: int = 32, progress: bool = False) -> ProbeResult:
-    """Greedy answers to each task's prompt (its conversation up to the last user turn). enable_thinking=None
-    thinks on the families whose training replies carry worked steps, as the model was taught. `progress`
-    shows a bar."""
+def thinks(row: dict) -> bool:
+    """Whether a task is answered thinking: its family's training replies carry worked steps, or its own
+    reference reply does."""
+    return row.get("task") in REASONING_FAMILIES or bool(row["conversations"][-1].get("reasoning_content"))
+
+
+def answer_tasks(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool | None = None,
+                 max_new_tokens: int = 128, batch_size: int = 32,
+                 progress: bool = False) -> Iterator[tuple[dict, bool, Completion]]:
+    """(row, thought, completion) for each task row in order: the model's greedy reply to the row's prompt (its
+    conversation up to the last user turn). enable_thinking=None thinks as the model was taught (see thinks);
+    a thinking reply's text starts after the opened think block. `progress` shows a bar."""
     from tqdm import tqdm
 
-    result = ProbeResult()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
     bar = tqdm(total=len(rows), desc="probes", unit=" tasks", disable=not progress, leave=False)
     for lo in range(0, len(rows), batch_size):
@@ -58,28 +64,35 @@ def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], 
         prompts, thinking = [], []
         for row in chunk:
             prompt = prompt_row(row)
-            think = row.get("task") in REASONING_FAMILIES if enable_thinking is None else enable_thinking
+            think = thinks(row) if enable_thinking is None else enable_thinking
             ids, _ = encode_chat(tokenizer, prompt["conversations"], tools=prompt.get("tools"),
                                  add_generation_prompt=True, enable_thinking=think)
             prompts.append(ids)
             thinking.append(think)
-        for row, think, out in zip(chunk, thinking, generate(model, tokenizer, prompts, params)):
-            text = ("<think>\n" if think else "") + out.text
-            ok = is_correct(row, text)
-            family = row.get("task", "task")
-            result.correct += ok
-            result.total += 1
-            result.by_family[family][0] += ok
-            result.by_family[family][1] += 1
-            if think:
-                result.thought += 1
-                result.well_formed += is_well_formed(out.text, out.finish_reason)
-            if len(result.samples) < 200:
-                question = next(m["content"] for m in reversed(prompt_row(row)["conversations"]) if m["role"] == "user")
-                result.samples.append({"family": family, "question": question, "output": out.text,
-                                       "expected": row.get("answer"), "correct": ok})
+        yield from zip(chunk, thinking, generate(model, tokenizer, prompts, params))
         bar.update(len(chunk))
     bar.close()
+
+
+def probe_accuracy(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], enable_thinking: bool | None = None,
+                   max_new_tokens: int = 128, batch_size: int = 32, progress: bool = False) -> ProbeResult:
+    """Greedy answers to each task (see answer_tasks), the final answer extracted and compared."""
+    result = ProbeResult()
+    for row, think, out in answer_tasks(model, tokenizer, rows, enable_thinking, max_new_tokens, batch_size,
+                                        progress):
+        ok = is_correct(row, ("<think>\n" if think else "") + out.text)
+        family = row.get("task", "task")
+        result.correct += ok
+        result.total += 1
+        result.by_family[family][0] += ok
+        result.by_family[family][1] += 1
+        if think:
+            result.thought += 1
+            result.well_formed += is_well_formed(out.text, out.finish_reason)
+        if len(result.samples) < 200:
+            question = next(m["content"] for m in reversed(prompt_row(row)["conversations"]) if m["role"] == "user")
+            result.samples.append({"family": family, "question": question, "output": out.text,
+                                   "expected": row.get("answer"), "correct": ok})
     return result
 
 

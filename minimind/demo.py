@@ -184,7 +184,10 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     before = pair_margins(sft_model, tokenizer, val_pairs, per_token=True)
     dpo_dir = train(TrainConfig(stage="dpo", out=str(out / "dpo"), data=str(dpo_data), init_from=str(sft_dir),
                                 steps=size["dpo_steps"], time_budget=size["dpo_budget"], lr=2e-4, dpo_beta=0.1,
-                                batch_size=8, seq_len=size["sft_seq_len"], warmup_steps=2, **common), DPOStage)
+                                # without the NLL term the chosen replies lose likelihood too, and the tuned
+                                # model answered 32.5% -> 18.2% of the held-out tasks (29.0% with it)
+                                dpo_nll_weight=1.0, batch_size=8, seq_len=size["sft_seq_len"], warmup_steps=2,
+                                **common), DPOStage)
     after = pair_margins(load_model(dpo_dir), tokenizer, val_pairs, per_token=True)
     say("Held-out pairs (right vs wrong or tool-less answers, concise vs repetitive replies, the reference reply vs "
         "the SFT model's own wrong one), scored by the per-token log-probability margin of chosen over rejected:\n")

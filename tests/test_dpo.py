@@ -74,6 +74,13 @@ def test_stage_loss_on_a_fixed_batch_matches_a_manual_computation(tokenizer):
         assert all(not p.requires_grad for p in stage.ref.parameters())
         assert stage.ref.model.embed_tokens.weight.data_ptr() != ref.model.embed_tokens.weight.data_ptr()
 
+    # With dpo_nll_weight, each pair adds that much of the chosen reply's mean per-token NLL.
+    stage.cfg.dpo_nll_weight = 0.5
+    total, _, extras = stage.loss(policy, batch)
+    nll = [-logp(policy, c_ids, c_mask) / c_mask[1:].sum() for c_ids, c_mask, _, _ in rows]
+    assert float(total.detach()) == pytest.approx(expect + 0.5 * sum(nll), rel=1e-4)
+    assert float(extras["chosen_nll"]) == pytest.approx(sum(nll) / 2, rel=1e-4)
+
 
 def test_read_pairs_both_layouts_response_mask_truncation_and_bad_lines(tokenizer, tmp_path):
     history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."},

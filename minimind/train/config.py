@@ -73,6 +73,8 @@ class TrainConfig:
     # dpo
     dpo_beta: float = 0.15  # DPO: strength of the implicit KL to the reference (MiniMind: 0.15)
     dpo_label_smoothing: float = 0.0  # DPO: assumed share of flipped preferences (conservative DPO); 0 = plain DPO
+    dpo_nll_weight: float = 0.0  # DPO: plus this times the chosen reply's per-token NLL (as RPO), so the
+    # policy keeps the chosen replies likely instead of only pushing the rejected ones down; 0 = plain DPO
     ref_model: str = ""  # DPO: reference model directory (default: a frozen copy of the starting policy)
     # distill
     teacher: str = ""  # distill: teacher model directory (same tokenizer as the student)

@@ -135,6 +135,8 @@ class DPOStage:
             raise MiniMindError(f"dpo_beta must be > 0, got {cfg.dpo_beta}")
         if not 0 <= cfg.dpo_label_smoothing < 0.5:
             raise MiniMindError(f"dpo_label_smoothing must be in [0, 0.5), got {cfg.dpo_label_smoothing}")
+        if cfg.dpo_nll_weight < 0:
+            raise MiniMindError(f"dpo_nll_weight must be >= 0, got {cfg.dpo_nll_weight}")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.ref: torch.nn.Module | None = None
 
@@ -176,6 +178,10 @@ class DPOStage:
             ref = response_logps(self.ref(ids).logits, labels)
         losses, extras = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], self.cfg.dpo_beta,
                                   self.cfg.dpo_label_smoothing)
+        if self.cfg.dpo_nll_weight:
+            nll = -policy[:n] / (labels[:n, 1:] != -100).sum(-1).clamp(min=1)
+            losses = losses + self.cfg.dpo_nll_weight * nll
+            extras["chosen_nll"] = nll.detach().mean()
         if out.aux_loss is not None:
             extras["aux_loss"] = out.aux_loss
         return losses.sum(), n, extras

@@ -148,14 +148,16 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
         say(f"**minimind:** {reply['content']}")
 
     if all_stages:
-        post_training(out, files, pre_dir, sft_dir, size, say)
+        post_training(out, files, pre_dir, sft_dir, size, say, text_tasks, probes.accuracy)
     say(f"\nDone in {time.perf_counter() - start:.0f} s. Chat with it: `.venv/bin/minimind chat --model {sft_dir}`")
     (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
     print(f"report: {out / 'report.md'}")
 
 
-def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Path, size: dict, say) -> None:
-    """`minimind demo --all`: LoRA, DPO, distillation and RL from the SFT model, each with its measured effect."""
+def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Path, size: dict, say,
+                  text_tasks: list[dict], sft_accuracy: float) -> None:
+    """`minimind demo --all`: LoRA, DPO, distillation and RL from the SFT model, each with its measured effect.
+    text_tasks / sft_accuracy: the held-out tool-free tasks and the SFT model's accuracy on them (section 5)."""
     tokenizer = load_tokenizer(sft_dir)
     common = dict(workers=1, progress=False, log_every=10, keep_last=1)
 
@@ -197,9 +199,9 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     say("\nBy kind of pair (pairs ranked right, SFT -> SFT + DPO): " + "; ".join(
         f"{kind} {b}/{n} -> {a}/{n}" for kind, (b, a, n) in right_by_kind(val_pairs, before, after).items()))
     # Ranking pairs better is not answering better: say what the tuned model does on the held-out tasks.
-    tasks = [r for r in read_jsonl(files["tasks_heldout"]) if r.get("task") not in TOOL_FAMILIES][:size["probes"]]
-    task_acc = [probe_accuracy(m, tokenizer, tasks).accuracy for m in (sft_model, load_model(dpo_dir))]
-    say(f"\nHeld-out task accuracy (greedy): SFT {task_acc[0]:.1%}, SFT + DPO {task_acc[1]:.1%} ({len(tasks)} tasks).")
+    dpo_accuracy = probe_accuracy(load_model(dpo_dir), tokenizer, text_tasks).accuracy
+    say(f"\nHeld-out task accuracy (greedy): SFT {sft_accuracy:.1%}, SFT + DPO {dpo_accuracy:.1%} "
+        f"({len(text_tasks)} tasks).")
     stage_time("DPO")
 
     say("\n## 9. Distillation: the SFT model teaches the pretrained one")

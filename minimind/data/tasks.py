@@ -219,8 +219,8 @@ def _drill_fact(rng: random.Random) -> str | None:
         return f"{x} + {y} + 1 = {x + y + 1}"  # a column with a carry in: no problem has this shape
     if form == 3:
         return f"{x + y + 1} - 1 - {y} = {x}"  # a column that lent a borrow
-    a, op, b = [(x, "+", y), None, (x + y, "-", y), None, (z, "*", y), (10 * z, "*", y),
-                (10 * z * y, "+", x * y)][form]
+    a, op, b = {0: (x, "+", y), 2: (x + y, "-", y), 4: (z, "*", y), 5: (10 * z, "*", y),  # a place-value part
+                6: (10 * z * y, "+", x * y)}[form]  # the sum of a product's parts
     return f"{a} {op} {b} = {_result(a, op, b)}" if split_of(_key(a, op, b)) == "train" else None
 
 

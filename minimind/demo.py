@@ -29,12 +29,16 @@ from minimind.train.sft import SFTStage
 # Sized for 2 CPU cores. The machine's speed varies a lot, so each stage gets a time budget (seconds) and
 # fits its number of steps to it (capped by the steps given). SFT gets the larger share: the measured
 # skills (worked arithmetic, counting, units, identity) are taught there. `quick` is for tests.
-# Arithmetic is the slowest skill to arrive, so it gets three shares of the tasks, and pretraining carries a drill
-# of the one-column facts its worked steps are made of.
-FAMILIES = ("arithmetic", "arithmetic", "arithmetic", "counting", "units", "identity", "calculator", "converter")
-FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=200, sft_steps=5000, sft_budget=480, seq_len=256,
-            sft_seq_len=512, batch=16, probes=300,
-            data=dict(sft_tasks=8000, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=300, families=FAMILIES),
+# Arithmetic is the slowest skill to arrive: held-out accuracy climbs steeply with the share of SFT it gets
+# (measured from one pretrained model, 480 s of one-thread SFT: 66% with all of it, 17% with three quarters of
+# the tokens, 3% with two fifths). So it gets ten of the fourteen task shares, and pretraining carries a drill of
+# the one-column facts its worked steps are made of. The calculator tasks get one share: each of their rows
+# spends ~330 tokens on the tool definitions. The unit converter tool is left out (`minimind data builtin
+# --families` can put it in): its questions are the units family's, answered a second way.
+FAMILIES = ("arithmetic",) * 10 + ("counting", "units", "identity", "calculator")
+FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=150, sft_steps=5000, sft_budget=530, seq_len=256,
+            sft_seq_len=512, batch=16, probes=600,
+            data=dict(sft_tasks=8000, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=600, families=FAMILIES),
             # --all: the post-training stages
             lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=600)
 QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128,
@@ -46,8 +50,8 @@ QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_
 CHATS = [
     ("Who are you?", False),
     ("你是谁？", False),
-    ("What is 47 + 385?", True),
-    ("计算 63 * 7 等于多少？", True),
+    ("What is 47 + 38?", True),
+    ("计算 63 - 27 等于多少？", True),
     ("Convert 3 kilometers to meters.", True),
     ("Hello! How are you today?", False),
 ]
@@ -131,7 +135,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
         say(f"| - {family} | {acc:.1%} of {n} |")
     say(f"| well-formed thinking (one closed think block, an answer, a stop) | {probes.format_rate:.1%} "
         f"of {probes.thought} |")
-    say(f"| tool tasks (calculator, unit_convert; tools run): valid call / correct tool use / right answer | "
+    say(f"| tool tasks (the tools really run): valid call / correct tool use / right answer | "
         f"{tools['valid_call_rate']:.1%} / {tools['correct_tool_use']:.1%} / {tools['answer_accuracy']:.1%} "
         f"of {tools['n']} |")
     stage_time("evaluation", t0)

@@ -3,6 +3,7 @@ renderable, clean, deterministic, held-out data kept out of training). `pytest t
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
@@ -156,3 +157,16 @@ def test_write_pretrain_jsonl_still_interleaves(tmp_path):
     texts = [r["text"] for r in read(tmp_path / "p.jsonl")]
     assert rows == len(texts) > 2
     assert any(re.search(r"[\u4e00-\u9fff]", t) for t in texts) and any(t.isascii() for t in texts)
+
+
+def test_cli_families_weights_the_task_mix_and_names_an_unknown_family(tmp_path, capsys):
+    from minimind import cli
+
+    args = ["data", "builtin", "--out", str(tmp_path), "--pretrain-chars", "20000", "--sft-tasks", "90",
+            "--heldout-tasks", "30"]
+    assert cli.main([*args, "--families", "arithmetic,arithmetic,calculator"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    tasks = Counter(r["task"] for r in rows if "task" in r)
+    assert tasks == {"arithmetic": 60, "calculator": 30}
+    assert cli.main([*args, "--families", "arithmetic,sums"]) != 0
+    assert "unknown task family 'sums'" in capsys.readouterr().err

@@ -194,6 +194,16 @@ def test_time_budget_shortens_the_run(corpus, tmp_path):
     assert state["total"] == done
 
 
+def test_time_budget_under_two_processes_stops_both_at_the_same_step(corpus, tmp_path):
+    # Each process reads its own clock; the run length they settle on must be rank 0's, or one rank leaves the
+    # loop while the other waits for it in an all-reduce (the run then hangs until torchrun's timeout).
+    run = tmp_path / "budget"
+    torchrun(2, "train", "pretrain", *settings(corpus, run, steps=100000, time_budget=4, save_every=0))
+    done = len(metric(run, "loss"))
+    state = json.loads((run / "checkpoints" / f"step_{done}" / "state.json").read_text())
+    assert 4 <= done < 100000 and state["total"] == done
+
+
 def test_right_by_kind_counts_pairs_ranked_right_per_family_and_kind():
     from minimind.demo import right_by_kind
 

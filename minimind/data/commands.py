@@ -9,8 +9,9 @@ import argparse
 def cmd_builtin(args: argparse.Namespace) -> None:
     from minimind.data.builtin import write_builtin
 
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     paths = write_builtin(args.out, seed=args.seed, pretrain_chars=args.pretrain_chars or None,
-                          sft_tasks=args.sft_tasks, heldout_tasks=args.heldout_tasks)
+                          sft_tasks=args.sft_tasks, heldout_tasks=args.heldout_tasks, families=families)
     for path in paths.values():
         with open(path, "rb") as f:
             rows = sum(1 for _ in f)
@@ -73,6 +74,8 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
                    help="characters of pretraining text, half English, half Chinese (0: all, about 8M)")
     p.add_argument("--sft-tasks", type=int, default=2000, help="generated tasks in sft.jsonl")
     p.add_argument("--heldout-tasks", type=int, default=200, help="held-out task prompts in tasks_heldout.jsonl")
+    p.add_argument("--families", default="", help="task families, comma-separated, taken in turn (name one twice for "
+                   "twice its share); default: arithmetic,counting,units,identity,calculator,converter")
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
     p = data.add_parser("mistakes", help="DPO pairs of a reference reply over the model's own wrong one",

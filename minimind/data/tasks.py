@@ -123,8 +123,8 @@ def _digits(n: int, width: int) -> list[int]:
 
 
 def worked_steps(a: int, op: str, b: int, lang: str) -> str:
-    """Short written working: the problem restated, then column addition with carries, column subtraction with
-    borrows (a >= b), or multiplication by place-value parts then their sum.
+    """Short written working: the problem restated, then column addition with carries or column subtraction with
+    borrows (a >= b).
 
     The restatement is there for a small model: copying `23 + 45` from the question is plain in-order copying,
     and the columns then take their digits from a line at a fixed distance. Measured on the demo's tiny model
@@ -132,32 +132,21 @@ def worked_steps(a: int, op: str, b: int, lang: str) -> str:
     with it (97% with 32 rows a step)."""
     t = TEXT[lang]
     lines = [f"{a} {op} {b}"]
-    if op in "+-":
-        width = len(str(max(a, b)))
-        carry = 0
-        for place, da, db in zip(t["places"], _digits(a, width), _digits(b, width)):
-            if op == "+":
-                s = da + db + carry
-                lines.append(f"{place}{da} + {db}{' + 1' if carry else ''} = {s}"
-                             + (t["carry"].format(s % 10) if s >= 10 else ""))
-                carry = int(s >= 10)
-            else:
-                borrow = int(da - carry < db)
-                r = da + 10 * borrow - carry - db
-                lines.append(f"{place}{da + 10 * borrow}{' - 1' if carry else ''} - {db} = {r}"
-                             + (t["borrow"] if borrow else ""))
-                carry = borrow
-    else:
-        # Split the longer number into its non-zero place-value parts: 23 * 45 = 23 * 40 + 23 * 5.
-        split_b = b >= 10  # 2x1: split a (20 * 4 + 3 * 4); 2x2: split b (23 * 40 + 23 * 5)
-        x, y = (b, a) if split_b else (a, b)
-        parts = [d * 10**i for i, d in enumerate(_digits(x, len(str(x)))) if d][::-1]
-        products = [p * y for p in parts]
-        lines += [(f"{y} * {p}" if split_b else f"{p} * {y}") + f" = {q}" for p, q in zip(parts, products)]
-        if len(parts) > 1:
-            lines.append(" + ".join(map(str, products)) + f" = {sum(products)}")
-    result = a + b if op == "+" else a - b if op == "-" else a * b
-    lines.append(t["so"].format(f"{a} {op} {b}", result))
+    width = len(str(max(a, b)))
+    carry = 0
+    for place, da, db in zip(t["places"], _digits(a, width), _digits(b, width)):
+        if op == "+":
+            s = da + db + carry
+            lines.append(f"{place}{da} + {db}{' + 1' if carry else ''} = {s}"
+                         + (t["carry"].format(s % 10) if s >= 10 else ""))
+            carry = int(s >= 10)
+        else:
+            borrow = int(da - carry < db)
+            r = da + 10 * borrow - carry - db
+            lines.append(f"{place}{da + 10 * borrow}{' - 1' if carry else ''} - {db} = {r}"
+                         + (t["borrow"] if borrow else ""))
+            carry = borrow
+    lines.append(t["so"].format(f"{a} {op} {b}", _result(a, op, b)))
     return "\n".join(lines)
 
 
@@ -178,15 +167,16 @@ def _result(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-# Operand digit counts, drawn uniformly: sums and differences up to two digits, products of up to two digits by
-# one. That is what a ~5M-parameter model learns to work out in its head in minutes (measured: three-digit
-# problems in the mix left it at 0% held-out after the demo's SFT); bigger numbers are the calculator's job.
-ARITHMETIC_SIZES = {"+": [(1, 1), (2, 1), (2, 2)], "-": [(1, 1), (2, 1), (2, 2)], "*": [(1, 1), (2, 1)]}
+# Operand digit counts, drawn uniformly: sums and differences of up to two digits. That is what a ~5M-parameter
+# model learns to work out in its head in minutes. Measured after the demo's SFT: three-digit problems in the
+# mix left it at 0% held-out, and so did products (0 of 44: the times table is a lookup it had not learned).
+# Products and bigger numbers are the calculator's job.
+ARITHMETIC_SIZES = {"+": [(1, 1), (2, 1), (2, 2)], "-": [(1, 1), (2, 1), (2, 2)]}
 CALCULATOR_SIZES = {"+": [(3, 3), (4, 3), (4, 4)], "-": [(3, 3), (4, 3), (4, 4)], "*": [(2, 2), (3, 2), (3, 3)]}
 
 
 def _arithmetic(rng: random.Random, lang: str) -> Problem:
-    op = rng.choice("+-*")
+    op = rng.choice("".join(ARITHMETIC_SIZES))
     a, b = _operands(rng, op, ARITHMETIC_SIZES)
     r = _result(a, op, b)
     return Problem(_key(a, op, b), rng.choice(TEXT[lang]["ask"]).format(f"{a} {op} {b}"), str(r),
@@ -195,11 +185,10 @@ def _arithmetic(rng: random.Random, lang: str) -> Problem:
 
 def arithmetic_drill(n_docs: int, seed: int = 0, facts_per_doc: int = 24) -> list[str]:
     """Plain-text documents of the one-column facts that worked steps are made of (`6 + 7 = 13`,
-    `6 + 7 + 1 = 14`, `16 - 9 = 7`, `16 - 1 - 9 = 6`, `6 * 7 = 42`, `60 * 7 = 420`, `420 + 42 = 462`), for
-    pretraining: about eight tokens a fact, where a worked problem gives two or three facts in sixty. Measured on
-    the demo's pretraining, 1,500 of these documents raised the share of fact digits it predicts right from 23%
-    to 29% for sums and from 18% to 35% for products. A fact whose two operands form a held-out problem is
-    left out."""
+    `6 + 7 + 1 = 14`, `16 - 9 = 7`, `16 - 1 - 9 = 6`), for pretraining: about eight tokens a fact, where a
+    worked problem gives two or three facts in sixty. Measured on the demo's pretraining, 1,500 of these
+    documents raised the share of sum-fact digits it predicts right from 23% to 29%. A fact whose two operands
+    form a held-out problem is left out."""
     rng = random.Random(f"minimind-drill/{seed}")
     docs = []
     for _ in range(n_docs):
@@ -213,14 +202,13 @@ def arithmetic_drill(n_docs: int, seed: int = 0, facts_per_doc: int = 24) -> lis
 
 
 def _drill_fact(rng: random.Random) -> str | None:
-    x, y, z = rng.randint(0, 9), rng.randint(0, 9), rng.randint(1, 9)
-    form = rng.randrange(7)
+    x, y = rng.randint(0, 9), rng.randint(0, 9)
+    form = rng.randrange(4)
     if form == 1:
         return f"{x} + {y} + 1 = {x + y + 1}"  # a column with a carry in: no problem has this shape
     if form == 3:
         return f"{x + y + 1} - 1 - {y} = {x}"  # a column that lent a borrow
-    a, op, b = {0: (x, "+", y), 2: (x + y, "-", y), 4: (z, "*", y), 5: (10 * z, "*", y),  # a place-value part
-                6: (10 * z * y, "+", x * y)}[form]  # the sum of a product's parts
+    a, op, b = (x, "+", y) if form == 0 else (x + y, "-", y)
     return f"{a} {op} {b} = {_result(a, op, b)}" if split_of(_key(a, op, b)) == "train" else None
 
 

@@ -80,6 +80,15 @@ class Dist:
         dist.all_reduce(t)
         return float(t)
 
+    def first(self, value: int) -> int:
+        """Rank 0's value on every rank: a decision taken from a clock (each process reads its own) must agree
+        across ranks, or one would stop stepping while the others wait for it in an all-reduce."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, 0)
+        return int(t)
+
     def stop(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -348,7 +357,7 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
             recent = step_ends[max(1, len(step_ends) - 101):]
             per_step = (recent[-1] - recent[0]) / (len(recent) - 1)
             left = cfg.time_budget - (time.perf_counter() - t_start)
-            total = max(step + 1, min(planned, step + int(left / per_step)))
+            total = d.first(max(step + 1, min(planned, step + int(left / per_step))))
             bar.set_total(total)
         lr = learning_rate(cfg, step, total)
         for group in optimizer.param_groups:

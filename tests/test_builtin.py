@@ -165,8 +165,10 @@ def test_cli_families_weights_the_task_mix_and_names_an_unknown_family(tmp_path,
     args = ["data", "builtin", "--out", str(tmp_path), "--pretrain-chars", "20000", "--sft-tasks", "90",
             "--heldout-tasks", "30"]
     assert cli.main([*args, "--families", "arithmetic,arithmetic,calculator"]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    # Families are taken in turn, then the tasks are shuffled across the files: about two to one in each.
+    rows = [json.loads(line) for name in ("sft.jsonl", "rl.jsonl")
+            for line in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
     tasks = Counter(r["task"] for r in rows if "task" in r)
-    assert tasks == {"arithmetic": 60, "calculator": 30}
+    assert tasks.keys() == {"arithmetic", "calculator"} and 1.7 < tasks["arithmetic"] / tasks["calculator"] < 2.3
     assert cli.main([*args, "--families", "arithmetic,sums"]) != 0
     assert "unknown task family 'sums'" in capsys.readouterr().err

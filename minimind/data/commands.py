@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from minimind.data.tasks import FAMILIES
+
 
 def cmd_builtin(args: argparse.Namespace) -> None:
     from minimind.data.builtin import write_builtin
@@ -75,7 +77,7 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sft-tasks", type=int, default=2000, help="generated tasks in sft.jsonl")
     p.add_argument("--heldout-tasks", type=int, default=200, help="held-out task prompts in tasks_heldout.jsonl")
     p.add_argument("--families", default="", help="task families, comma-separated, taken in turn (name one twice for "
-                   "twice its share); default: arithmetic,counting,units,identity,calculator,converter")
+                   f"twice its share); default: {','.join(FAMILIES)}")
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
     p = data.add_parser("mistakes", help="DPO pairs of a reference reply over the model's own wrong one",

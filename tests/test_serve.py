@@ -3,6 +3,7 @@ server in a subprocess driven by the official `openai` client. `pytest tests/tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import subprocess
@@ -22,7 +23,7 @@ except ImportError:  # pragma: no cover
 
 from minimind.chat import encode_chat, parse_assistant, render
 from minimind.generation import SamplingParams, generate
-from minimind.serve.api import StreamParser, create_app
+from minimind.serve.api import StreamParser, _get, create_app
 from minimind.serve.commands import free_port
 from minimind.serve.scheduler import Scheduler
 from minimind.tools import CALCULATOR_TOOL
@@ -377,6 +378,28 @@ def test_errors_in_openai_shape(server, client):
         client.chat.completions.create(model="m", messages=[])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_a_cancelled_request_stops_even_when_its_next_event_is_ready():
+    """The race behind a flaky disconnect: the client leaves in the same loop turn as the next event arrives.
+    asyncio.wait_for (Python 3.11) returned the event and dropped the cancellation; the decode then ran on."""
+    async def main() -> None:
+        queue: asyncio.Queue = asyncio.Queue()
+        got = []
+
+        async def consume() -> None:
+            for _ in range(2):
+                got.append(await _get(queue, timeout=0.05))
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0)  # waiting on the empty queue
+        queue.put_nowait("event")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert got == []
+
+    asyncio.run(main())
 
 
 def test_disconnect_frees_the_slot_at_once(server):

@@ -331,12 +331,12 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
                 offset += len(params)
             remaining = offset
             while remaining:
-                try:
-                    base, ev = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                item = await _get(queue, timeout=1.0)
+                if item is None:
                     if await request.is_disconnected():
                         return
                     continue
+                base, ev = item
                 if ev.kind == "error":
                     raise APIError(500, ev.text, type="server_error")
                 if ev.kind == "done":
@@ -457,7 +457,7 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
                 yield _sse(e.body())
             yield "data: [DONE]\n\n"
 
-        return EventStream(stream())
+        return EventStream(stream(), events)
 
     # ---- plain completions ----
 
@@ -526,7 +526,7 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
                 yield _sse(e.body())
             yield "data: [DONE]\n\n"
 
-        return EventStream(stream())
+        return EventStream(stream(), events)
 
     return app
 
@@ -540,12 +540,15 @@ def _check_complete(results: dict, n: int) -> None:
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that stop as soon as the client disconnects: the generator is closed at once,
-    which cancels its jobs, so their rows leave the batch at the next step (whatever the ASGI version)."""
+    """Server-sent events that stop as soon as the client disconnects: `jobs` (run_jobs' generator) is closed
+    at once, which cancels its jobs, so their rows leave the batch at the next step (whatever the ASGI version).
+    It is closed by name: closing `content` alone leaves it to Python's async-generator finalizer, a loop turn
+    or more later."""
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[str], jobs: AsyncIterator) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.jobs = jobs
 
     async def __call__(self, scope, receive, send) -> None:
         async def pump() -> None:
@@ -565,7 +568,19 @@ class EventStream(StreamingResponse):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.jobs.aclose()
             await self.body_iterator.aclose()
+
+
+async def _get(queue: asyncio.Queue, timeout: float) -> Any:
+    """queue.get(), or None after `timeout` seconds. Not asyncio.wait_for: before Python 3.12 it swallows a
+    cancellation that arrives as the get completes, and then a departed client's decode runs to its end."""
+    getter = asyncio.ensure_future(queue.get())
+    try:
+        await asyncio.wait([getter], timeout=timeout)
+    finally:
+        getter.cancel()  # still waiting: the item stays in the queue
+    return getter.result() if getter.done() and not getter.cancelled() else None
 
 
 async def _first_event(events: AsyncIterator) -> Any:
@@ -577,14 +592,11 @@ async def _first_event(events: AsyncIterator) -> Any:
 
 
 async def _chain(first: Any, events: AsyncIterator) -> AsyncIterator:
-    try:
-        if first is _END:
-            return
-        yield first
-        async for ev in events:
-            yield ev
-    finally:
-        await events.aclose()  # cancels the jobs if the client went away mid-stream
+    if first is _END:
+        return
+    yield first
+    async for ev in events:
+        yield ev
 
 
 def serve(model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8998, api_key: str | None = None,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minimind import blocked_attention
 from minimind.config import ModelConfig
 
 
@@ -25,7 +26,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even under bf16 autocast: the mean of squares loses too much in 8 mantissa bits.
         # Cast back before the weight multiply, as transformers does, so logits match it closely.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        out = self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            # Every consumer (q/k/v, gate/up) would cast this to the autocast dtype on its own: do it once.
+            out = out.to(torch.get_autocast_dtype(x.device.type))
+        return out
 
 
 # ---- rotary position embedding -------------------------------------------------------------------
@@ -199,10 +204,13 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
-        )
+        dropout = self.dropout if self.training else 0.0
+        # Without a cache every mask here is causal (plus padding), as blocked_attention requires.
+        if cache is None and T > 1 and not dropout and blocked_attention.usable(q):
+            out = blocked_attention.causal_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         return F.dropout(out, self.dropout, training=True) if self.training and self.dropout else out
 

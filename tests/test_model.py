@@ -165,6 +165,60 @@ def test_logits_mask_and_the_training_loss_that_uses_it(family):
         model(ids, labels=ids, logits_mask=keep)
 
 
+def test_blocked_attention_equals_sdpa_with_grouped_heads():
+    from minimind.blocked_attention import causal_attention
+
+    torch.manual_seed(0)
+    for heads, kv, length in [(4, 2, 130), (4, 4, 64), (6, 2, 7)]:  # partial last block, one block, tiny
+        q = torch.randn(2, heads, length, 16, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, kv, length, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        grad = torch.randn(2, heads, length, 16, dtype=torch.float64)
+        ours = causal_attention(q, k, v)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(ours, sdpa, rtol=0, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(sdpa, (q, k, v), grad)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    # A row's numbers do not depend on how long its batch is (fp32, bit for bit): positions past 100 are padding.
+    q, k, v = (torch.randn(2, 4, 120, 16, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 4, 120, 16)
+    grad[:, :, 100:] = 0
+    long = causal_attention(q, k, v)
+    short = causal_attention(q[:, :, :100], k[:, :, :100], v[:, :, :100])
+    assert torch.equal(long[:, :, :100], short)
+    grads_long = torch.autograd.grad(long, (q, k, v), grad)
+    grads_short = torch.autograd.grad(short, (q, k, v), grad[:, :, :100])
+    for a, b in zip(grads_long, grads_short):
+        assert torch.equal(a[:, :, :100], b[:, :, :100])
+
+
+def test_cpu_training_takes_the_blocked_attention_with_the_same_gradients(family, monkeypatch):
+    from minimind import blocked_attention
+
+    ids = torch.randint(3, 320, (3, 150))
+    padding = torch.ones(3, 150, dtype=torch.long)
+    padding[0, 140:], padding[1, :5] = 0, 0  # right padding (SFT, DPO), left padding (RL prompts)
+    calls = []
+    real = blocked_attention.causal_attention
+    monkeypatch.setattr(blocked_attention, "causal_attention", lambda *a: calls.append(1) or real(*a))
+
+    def step(max_len: int):
+        monkeypatch.setattr(blocked_attention, "MAX_LEN", max_len)
+        model = small_model(family).double().train()
+        loss = model(ids, labels=ids).loss + model(ids, attention_mask=padding).logits[padding.bool()].square().mean()
+        loss.backward()
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    blocked, sdpa = step(1024), step(0)
+    assert len(calls) == 4  # both layers of both forwards of the first run, none of the second
+    torch.testing.assert_close(blocked[0], sdpa[0], rtol=0, atol=1e-12)
+    assert blocked[1].keys() == sdpa[1].keys()
+    for name in sdpa[1]:
+        torch.testing.assert_close(blocked[1][name], sdpa[1][name], rtol=0, atol=1e-10, msg=name)
+    with torch.no_grad():  # inference keeps SDPA
+        small_model(family)(ids)
+    assert len(calls) == 4
+
+
 def test_bf16_save_and_load_round_trip(tmp_path):
     model = small_model("qwen3")
     save_model(model, tmp_path, dtype="bfloat16")

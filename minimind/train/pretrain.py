@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from minimind.data.pack import pack
 from minimind.train.config import TrainConfig
+from minimind.train.cross_entropy import cross_entropy_sum
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
@@ -19,7 +20,7 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
     target = labels != -100
     # Position t predicts label t + 1: the output head runs only where that label is a target.
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_mask=F.pad(target, (0, 1)))
-    loss = F.cross_entropy(out.logits.float(), labels[target], weight=weight, reduction="sum")
+    loss = cross_entropy_sum(out.logits, labels[target], weight)
     extra = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
     return loss, int(target.sum()), extra
 

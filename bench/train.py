@@ -108,12 +108,23 @@ def child(preset: str, side: str, batch: int, seq: int, dtype: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         save_model(MiniMindForCausalLM(ModelConfig.preset(preset)), d)
         step = contenders(d, getattr(torch, dtype), False, only=side)[side]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss()
     ids = torch.randint(3, 6400, (batch, seq))
     for _ in range(2):
         step({"input_ids": ids, "labels": ids})
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"maxrss_gib": rss / 2**20, "before_gib": before / 2**20}))
+    print(json.dumps({"maxrss_gib": _peak_rss() / 2**20, "before_gib": before / 2**20}))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in KiB. On Linux VmHWM, because ru_maxrss survives fork + exec and
+    so starts at the parent's size: it reported the bench process itself for both sides."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main() -> None:

@@ -80,6 +80,7 @@ class _BlockedCausal(torch.autograd.Function):
             end = start + BLOCK
             g = grad_out[:, start:end]
             grad_v[:, :end] += torch.bmm(p.transpose(1, 2), g)
+            # softmax's own backward kernel: p * (grad_p - rowsum(p * grad_p)) in one pass
             grad_scores = torch._softmax_backward_data(torch.bmm(g, v[:, :end].transpose(1, 2)), p, -1, p.dtype)
             grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end])
             grad_k[:, :end] += torch.bmm(grad_scores.transpose(1, 2), q[:, start:end])

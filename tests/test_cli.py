@@ -153,7 +153,7 @@ def test_train_lora_then_generate_with_it_equals_the_merged_model(sft_model_dir,
     data = tmp_path / "id.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run("train", "lora", "--data", str(data), "--init_from", str(model_dir), "--out", str(tmp_path / "lora"),
-        "--steps", "10", "--lr", "1e-2", "--seq_len", "128", "--batch_size", "4", "--lora_rank", "4",
+        "--steps", "20", "--lr", "1e-2", "--seq_len", "128", "--batch_size", "4", "--lora_rank", "4",
         "--progress", "false", "--dtype", "float32")
     adapter = tmp_path / "lora" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()

@@ -280,6 +280,7 @@ def test_chunked_cross_entropy_equals_the_fp32_formula(monkeypatch):
     targets = torch.randint(0, 50, (10,))
     for dtype in (torch.float64, torch.bfloat16):
         logits = (4 * torch.randn(10, 50)).to(dtype).requires_grad_()
+        before = logits.detach().clone()
         for weight in (None, torch.rand(50, dtype=torch.float64)):
             ours = cross_entropy.cross_entropy_sum(logits, targets, weight)
             ref = F.cross_entropy(logits.double(), targets, weight=weight, reduction="sum")
@@ -288,6 +289,7 @@ def test_chunked_cross_entropy_equals_the_fp32_formula(monkeypatch):
             torch.testing.assert_close(ours.double(), ref, rtol=1e-12 if exact else 1e-6, atol=0)
             assert g_ours.dtype == dtype
             torch.testing.assert_close(g_ours, g_ref, rtol=1e-12 if exact else 1e-2, atol=0 if exact else 1e-3)
+            assert torch.equal(logits.detach(), before)  # the backward does not overwrite the logits
 
 
 def test_tag_loss_weight_scales_only_the_tag_tokens(tokenizer):

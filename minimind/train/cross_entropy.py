@@ -48,7 +48,7 @@ class _CrossEntropySum(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         for start, end in _chunks(n, vocab):
             # d/dlogits = (softmax - one_hot(target)) * the row's weight
-            p = logits[start:end].to(lse.dtype).sub_(lse[start:end, None]).exp_()
+            p = (logits[start:end] - lse[start:end, None]).exp_()  # a new tensor: the saved logits stay as they were
             p[torch.arange(end - start, device=p.device), targets[start:end]] -= 1
             grad_logits[start:end] = p.mul_(scale[start:end, None])
         return grad_logits, None, None

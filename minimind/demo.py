@@ -40,7 +40,7 @@ FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=150, sft_steps=5000
             sft_seq_len=512, batch=16, probes=600,
             data=dict(sft_tasks=8000, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=600, families=FAMILIES),
             # --all: the post-training stages
-            lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=600)
+            lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=780)
 QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128,
              sft_seq_len=512, batch=8, probes=24,
              data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
@@ -229,7 +229,7 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     g, a = figures["grpo"], figures["agent"]
     say(f"GRPO on held-in {', '.join(g['families'])} tasks ({g['steps']} steps, {g['seconds']} s): held-out "
         f"accuracy {g['before']:.1%} -> {g['after']:.1%} ({g['n']} tasks).")
-    say(f"Agentic RL with the tools ({a['steps']} steps, {a['seconds']} s): correct tool use "
+    say(f"Agentic RL on held-in calculator tasks ({a['steps']} steps, {a['seconds']} s): correct calculator use "
         f"{a['before']['correct_tool_use']:.1%} -> {a['after']['correct_tool_use']:.1%}, right final answer "
         f"{a['before']['answer_accuracy']:.1%} -> {a['after']['answer_accuracy']:.1%} ({a['after']['n']} tasks).")
     say(f"   (RL took {figures['seconds']} s)")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from minimind import MiniMindError
 from minimind.config import ModelConfig
 from minimind.device import DTYPES
+from minimind.generation import GENERATION_DEFAULTS
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import save_tokenizer
 
@@ -58,7 +59,7 @@ def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer: Any
         dtype = next(k for k, v in DTYPES.items() if v == model.model.embed_tokens.weight.dtype)
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-           "do_sample": True, "temperature": 0.85, "top_p": 0.85, "top_k": 50, "max_new_tokens": 512}
+           **GENERATION_DEFAULTS}
     gen.update(generation or {})
     with atomic_path(directory) as tmp:
         tmp.mkdir()

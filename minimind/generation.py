@@ -7,12 +7,20 @@ decoding of a batch of left-padded prompts, stop tokens and stop strings, and st
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
+from minimind import MiniMindError
 from minimind.model import MiniMindForCausalLM
+
+# What a model directory's generation_config.json says when we write it (checkpoint.save_model): MiniMind's own
+# chat defaults. Every front end (CLI, API, web page, Ollama export) starts from the model's file, as
+# transformers and vLLM do, and flags or request fields override it.
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.85, "top_p": 0.85, "top_k": 50, "max_new_tokens": 512}
 
 
 @dataclass
@@ -33,6 +41,37 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1], min_p in [0, 1], repetition_penalty > 0")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+
+
+def sampling_defaults(model_dir: str | Path) -> dict:
+    """The SamplingParams fields that the model directory's generation_config.json sets (transformers' names;
+    `do_sample: false` means greedy). A directory without the file gives {} (SamplingParams' own defaults)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MiniMindError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(gen, dict):
+        raise MiniMindError(f"{path}: expected a JSON object")
+    names = {f.name for f in fields(SamplingParams)} - {"stop", "seed"}
+    out = {}
+    for key in sorted(names & gen.keys()):
+        value = gen[key]
+        kind = int if key in ("top_k", "max_new_tokens") else float
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MiniMindError(f"{path}: field {key!r} must be a number, not {value!r}")
+        out[key] = kind(value)
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    try:
+        SamplingParams(**out)
+    except ValueError as e:
+        raise MiniMindError(f"{path}: {e}") from None
+    return out
 
 
 @dataclass

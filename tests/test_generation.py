@@ -1,5 +1,7 @@
 """The sampler, KV-cache decoding, stop handling and streaming."""
 
+import json
+
 import pytest
 import torch
 from conftest import small_model
@@ -131,3 +133,25 @@ def test_stream_yields_the_generated_text(tokenizer):
     full = generate(model, tokenizer, [prompt], params)[0]
     pieces = list(stream(model, tokenizer, prompt, params))
     assert "".join(pieces) == full.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    from minimind import MiniMindError
+    from minimind.generation import GENERATION_DEFAULTS, sampling_defaults
+
+    assert sampling_defaults(tmp_path) == {}  # no file: SamplingParams' own defaults
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {**GENERATION_DEFAULTS, "eos_token_id": 2, "repetition_penalty": 1.1, "min_p": None}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.85, "top_p": 0.85, "top_k": 50, "max_new_tokens": 512,
+                                           "repetition_penalty": 1.1}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    assert sampling_defaults(tmp_path) == {"temperature": 0.0}  # do_sample false: greedy, as transformers reads it
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": "high"}))
+    with pytest.raises(MiniMindError, match="generation_config.json: field 'top_p' must be a number"):
+        sampling_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 1.5}))
+    with pytest.raises(MiniMindError, match="generation_config.json: top_p must be in"):
+        sampling_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{")
+    with pytest.raises(MiniMindError, match="generation_config.json: invalid JSON"):
+        sampling_defaults(tmp_path)

@@ -11,6 +11,7 @@ from typing import Any
 from minimind import MiniMindError
 from minimind.chat import EMPTY_THINK, IM_END, IM_START, TOOLS_INTRO, TOOLS_OUTRO
 from minimind.export.gguf import GGUF_TYPES, default_name, export_gguf
+from minimind.generation import GENERATION_DEFAULTS, sampling_defaults
 
 STOP_TOKENS = (IM_START, IM_END, "<|endoftext|>")
 MAX_NUM_CTX = 8192  # Ollama allocates the whole context up front; MiniMind's own Modelfile uses 8192
@@ -55,17 +56,11 @@ TEMPLATE = "".join([
 
 def modelfile_parameters(model_dir: str | Path, max_position_embeddings: int) -> dict[str, Any]:
     """Sampling defaults from generation_config.json (ours, or the defaults save_model writes) plus stop tokens."""
-    path = Path(model_dir) / "generation_config.json"
-    gen: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            gen = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise MiniMindError(f"{path}: invalid JSON ({e.msg})") from None
+    gen = {**GENERATION_DEFAULTS, **sampling_defaults(model_dir)}
     params: dict[str, Any] = {
-        "temperature": float(gen.get("temperature", 0.85)),
-        "top_p": float(gen.get("top_p", 0.85)),
-        "top_k": int(gen.get("top_k", 50)),
+        "temperature": float(gen["temperature"]),
+        "top_p": float(gen.get("top_p", 1.0)),
+        "top_k": int(gen.get("top_k", 0)),
         # Ollama's default is 1.1; we sample without a penalty unless the model says otherwise
         "repeat_penalty": float(gen.get("repetition_penalty", 1.0)),
         "num_ctx": min(int(max_position_embeddings), MAX_NUM_CTX),

@@ -14,9 +14,10 @@ from minimind.checkpoint import load_model, save_model
 from minimind.config import ModelConfig
 from minimind.data.formats import iter_rows, parse_row
 from minimind.model import MiniMindForCausalLM
+from minimind.recipes.distill import heldout_kl
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
-from minimind.train.distill import DistillStage, add_distill_parser, distill_file, heldout_kl, kd_kl
+from minimind.train.distill import DistillStage, add_distill_parser, distill_file, kd_kl
 from minimind.train.loop import train
 
 

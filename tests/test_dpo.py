@@ -13,13 +13,13 @@ from minimind import MiniMindError
 from minimind.chat import encode_chat
 from minimind.checkpoint import load_model
 from minimind.data.formats import parse_row
-from minimind.data.preferences import make_repetition_pairs, mistake_pairs
+from minimind.data.preferences import collate_pairs, make_repetition_pairs, read_pairs
 from minimind.data.tasks import heldout_split, make_dpo_pairs
-from minimind.eval.preference import pair_margins, preference_accuracy
+from minimind.eval.preference import mistake_pairs, pair_margins, preference_accuracy
 from minimind.generation import Completion
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
-from minimind.train.dpo import DPOStage, collate_pairs, dpo_loss, read_pairs
+from minimind.train.dpo import DPOStage, dpo_loss
 from minimind.train.loop import train
 
 Q = [{"role": "user", "content": "What is 3 + 4?"}]
@@ -177,7 +177,7 @@ def test_mistake_pairs_pit_the_reference_against_the_models_own_wrong_reply(monk
                     else f"{i} * 2 = {2 * i}\n</think>\n\nThe answer is {int(row['answer']) + 1}.")
             yield row, True, Completion(text=text, finish_reason="stop")
 
-    monkeypatch.setattr("minimind.data.preferences.answer_tasks", answers)
+    monkeypatch.setattr("minimind.eval.preference.answer_tasks", answers)
     own = mistake_pairs(None, None, pairs)
     # Each numeric, tool-free prompt is asked once; identity (no number) and calculator (a tool task) are not.
     assert sorted(map(json.dumps, asked)) == sorted(json.dumps(t["conversations"][:-1]) for t in numeric)
@@ -198,7 +198,7 @@ def test_data_mistakes_command_reads_both_layouts_and_names_a_bad_line(sft_model
         for row in rows:
             yield row, False, Completion(text="The answer is 0.", finish_reason="stop")
 
-    monkeypatch.setattr("minimind.data.preferences.answer_tasks", wrong)
+    monkeypatch.setattr("minimind.eval.preference.answer_tasks", wrong)
     rows = [{"prompt": "What is 3 + 4?", "chosen": "The answer is 7.", "rejected": "The answer is 8.",
              "task": "arithmetic"},
             {"chosen": [*Q, {"role": "assistant", "content": "The answer is 7."}],

@@ -21,10 +21,11 @@ from minimind.lora import (
     merge_lora,
     save_adapter,
 )
+from minimind.recipes.lora import identity_rows, lora_example
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig, load_config
 from minimind.train.loop import train
-from minimind.train.lora import LoRAStage, identity_rows, lora_example
+from minimind.train.lora import LoRAStage
 from minimind.train.pretrain import token_loss
 
 

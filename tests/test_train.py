@@ -205,7 +205,7 @@ def test_time_budget_under_two_processes_stops_both_at_the_same_step(corpus, tmp
 
 
 def test_right_by_kind_counts_pairs_ranked_right_per_family_and_kind():
-    from minimind.demo import right_by_kind
+    from minimind.recipes.demo import right_by_kind
 
     pairs = [{"task": "units"}, {"task": "units"}, {"task": "units", "kind": "repetition"}, {}]
     assert right_by_kind(pairs, [0.5, -0.1, 0.2, 0.0], [0.4, 0.3, -0.2, 0.1]) == {

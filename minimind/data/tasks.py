@@ -374,7 +374,7 @@ def make_dpo_pairs(tasks: Sequence[dict], seed: int) -> list[dict]:
         chosen = task["conversations"]
         user = next(i for i, m in enumerate(chosen) if m["role"] == "user")
         answer = task["answer"]
-        if _NUMBER_RE.fullmatch(answer):
+        if NUMBER_RE.fullmatch(answer):
             wrong = str(abs(int(answer) + rng.choice((-10, -2, -1, 1, 2, 10))))
             wrong = wrong if wrong != answer else str(int(answer) + 1)
             final = chosen[-1]
@@ -390,7 +390,7 @@ def make_dpo_pairs(tasks: Sequence[dict], seed: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- checking
 
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_NUMBER_RE = re.compile(_NUMBER)
+NUMBER_RE = re.compile(_NUMBER)  # a number as the tasks write it; rewards and preference mining match it too
 _PHRASE_RE = re.compile(r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*:|answer\s*:|答案是|答案为|答案\s*:)",
                         re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"(?:[.!?](?:\s|$)|[。！？\n])")
@@ -429,16 +429,16 @@ def extract_answer(text: str) -> str | None:
         end = _SENTENCE_END_RE.search(rest)
         sentence = rest[: end.start()] if end else rest
         sentence = sentence.rsplit("=", 1)[-1]
-        number = _NUMBER_RE.search(sentence)
+        number = NUMBER_RE.search(sentence)
         if number:
             return _plain_number(number.group(0))
         if sentence.strip(" *"):
             return sentence.strip(" *")
     boxed = _boxed(content)
     if boxed is not None:
-        number = _NUMBER_RE.fullmatch(boxed.strip("$ "))
+        number = NUMBER_RE.fullmatch(boxed.strip("$ "))
         return _plain_number(number.group(0)) if number else boxed
-    numbers = _NUMBER_RE.findall(content)
+    numbers = NUMBER_RE.findall(content)
     return _plain_number(numbers[-1]) if numbers else None
 
 
@@ -447,8 +447,8 @@ def is_correct(task: dict, generated_text: str) -> bool:
     must appear in the reply, case-insensitively."""
     expected = str(task["answer"]).strip()
     got = extract_answer(generated_text)
-    if _NUMBER_RE.fullmatch(expected):
-        if got is None or not _NUMBER_RE.fullmatch(got):
+    if NUMBER_RE.fullmatch(expected):
+        if got is None or not NUMBER_RE.fullmatch(got):
             return False
         return abs(float(_plain_number(got)) - float(_plain_number(expected))) < 1e-6
     return expected.lower() in _visible(generated_text).lower()

@@ -1,17 +1,23 @@
 """Preference accuracy on held-out DPO pairs: how often the model scores the chosen reply above the rejected
-one. `acc, margin = preference_accuracy(model, tok, pairs)` (pairs: DPO rows, or a .jsonl path)."""
+one. `acc, margin = preference_accuracy(model, tok, pairs)` (pairs: DPO rows, or a .jsonl path); and pairs made
+of the model's own wrong answers, `mistake_pairs(model, tok, dpo_rows)`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from minimind import MiniMindError
+from minimind.chat import parse_assistant
 from minimind.data.formats import iter_rows, parse_row
+from minimind.data.preferences import collate_pairs, encode_side
+from minimind.data.tasks import NUMBER_RE, TOOL_FAMILIES, extract_answer, is_correct
+from minimind.eval.probes import answer_tasks
+from minimind.logprobs import response_logps
 from minimind.model import MiniMindForCausalLM
-from minimind.train.dpo import collate_pairs, encode_side, response_logps
 
 
 @torch.no_grad()
@@ -63,3 +69,33 @@ def preference_accuracy(model: MiniMindForCausalLM, tokenizer, pairs: Sequence[d
     if not margins:
         raise MiniMindError("preference_accuracy: no pairs to score")
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
+
+
+def mistake_pairs(model, tokenizer, pairs: Sequence[dict], batch_size: int = 32) -> list[dict]:
+    """On-policy DPO rows: the model answers the prompt of each DPO row whose chosen reply ends in a number
+    (greedy, thinking as taught; tool tasks left out), and every wrong answer becomes a pair of that chosen
+    reply over the model's own reply (`kind` "own mistake"). Synthetic wrong answers are ones the model may never
+    give; its own mistakes are the ones preference tuning has to move it away from."""
+    tasks, seen = [], set()
+    for pair in pairs:
+        chosen = pair["chosen"]
+        answer = extract_answer(chosen[-1]["content"]) if chosen[-1].get("role") == "assistant" else None
+        prompt = json.dumps(chosen[:-1], ensure_ascii=False, sort_keys=True)
+        tools = pair.get("task") in TOOL_FAMILIES or pair.get("tools") or any(
+            m.get("tools") or m.get("tool_calls") or m.get("role") == "tool" for m in chosen)
+        if tools or not answer or not NUMBER_RE.fullmatch(answer) or prompt in seen:
+            continue
+        seen.add(prompt)
+        tasks.append({"conversations": chosen, "answer": answer, "task": pair.get("task", "task")})
+    out = []
+    for task, think, completion in answer_tasks(model, tokenizer, tasks, batch_size=batch_size):
+        text = ("<think>\n" if think else "") + completion.text
+        reply = parse_assistant(text)
+        if is_correct(task, text) or not reply["content"]:
+            continue
+        rejected = {"role": "assistant", "content": reply["content"]}
+        if reply["reasoning_content"]:
+            rejected["reasoning_content"] = reply["reasoning_content"]
+        out.append({"chosen": task["conversations"], "rejected": [*task["conversations"][:-1], rejected],
+                    "task": task["task"], "kind": "own mistake"})
+    return out

@@ -10,7 +10,7 @@ from typing import Any
 
 from minimind import MiniMindError
 from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, parse_assistant
-from minimind.data.tasks import _NUMBER_RE, is_correct
+from minimind.data.tasks import NUMBER_RE, is_correct
 
 
 @dataclass
@@ -42,8 +42,8 @@ class Sample:
 def _matches(expected: Any, text: str) -> bool:
     """A `gt` item is found in the answer: as a number within 1e-6 of one in the text, else as a substring."""
     want = str(expected).strip()
-    if _NUMBER_RE.fullmatch(want.replace(",", "")):
-        numbers = [float(n.replace(",", "")) for n in _NUMBER_RE.findall(text)]
+    if NUMBER_RE.fullmatch(want.replace(",", "")):
+        numbers = [float(n.replace(",", "")) for n in NUMBER_RE.findall(text)]
         return any(abs(n - float(want.replace(",", ""))) < 1e-6 for n in numbers)
     return bool(want) and want.lower() in text.lower()
 

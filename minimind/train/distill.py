@@ -96,27 +96,6 @@ class DistillStage(SFTStage):
         return (1 - alpha) * ce + alpha * t * t * kl, n, extras
 
 
-@torch.no_grad()
-def heldout_kl(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, path: str | Path, seq_len: int = 512,
-               rows: int = 64) -> float:
-    """Mean KL(teacher || student) per assistant token (T = 1) over the first `rows` conversations of an SFT
-    file: how close distillation has brought the student."""
-    from minimind.chat import encode_chat
-    from minimind.data.formats import iter_rows
-
-    device = next(student.parameters()).device
-    total, count = 0.0, 0
-    for i, (_, row) in enumerate(iter_rows(path, "sft")):
-        if i == rows:
-            break
-        ids, mask = encode_chat(tokenizer, row["messages"], row["tools"])
-        ids, mask = torch.tensor([ids[:seq_len]], device=device), torch.tensor(mask[:seq_len], device=device)
-        keep = mask[1:].bool()
-        kl = kd_kl(student(ids).logits[0, :-1][keep], teacher(ids).logits[0, :-1][keep], 1.0)
-        total, count = total + float(kl.sum()), count + int(keep.sum())
-    return total / max(count, 1)
-
-
 # ---------------------------------------------------------------------------------------------- black-box
 
 

@@ -10,19 +10,19 @@ from pathlib import Path
 from minimind.chat import encode_chat, parse_assistant
 from minimind.checkpoint import load_model
 from minimind.data.builtin import write_builtin
-from minimind.data.preferences import mistake_pairs
 from minimind.data.tasks import TOOL_FAMILIES
 from minimind.eval.perplexity import score_texts
-from minimind.eval.preference import pair_margins
+from minimind.eval.preference import mistake_pairs, pair_margins
 from minimind.eval.probes import probe_accuracy, tool_use
 from minimind.generation import SamplingParams, generate
-from minimind.rl.example import rl_example
+from minimind.recipes.distill import heldout_kl
+from minimind.recipes.lora import lora_example, side_by_side_markdown
+from minimind.recipes.rl import rl_example
 from minimind.tokenizer import chars_per_token, load_tokenizer, train_tokenizer
 from minimind.train.config import TrainConfig
-from minimind.train.distill import DistillStage, heldout_kl
+from minimind.train.distill import DistillStage
 from minimind.train.dpo import DPOStage
 from minimind.train.loop import train
-from minimind.train.lora import lora_example, side_by_side_markdown
 from minimind.train.pretrain import PretrainStage
 from minimind.train.sft import SFTStage
 

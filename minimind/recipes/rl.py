@@ -1,6 +1,7 @@
 """The built-in RL run: from the demo's SFT model, GRPO on held-in generated arithmetic tasks and agentic RL
-on generated calculator tasks, each measured before and after on held-out tasks.
-`rl_example("runs/demo/sft/model", "runs/demo/data", "runs/demo/rl", budget_s=900)` returns the figures."""
+on generated calculator tasks, each measured before and after on held-out tasks. `rl_example("runs/demo/sft/model",
+"runs/demo/data", "runs/demo/rl", budget_s=900)` returns the figures; `python -m minimind.recipes.rl` takes the same
+four arguments and prints them."""
 
 from __future__ import annotations
 

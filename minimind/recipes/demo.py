@@ -17,7 +17,7 @@ from minimind.eval.probes import probe_accuracy, tool_use
 from minimind.generation import SamplingParams, generate
 from minimind.recipes.distill import heldout_kl
 from minimind.recipes.lora import lora_example, side_by_side_markdown
-from minimind.recipes.rl import rl_example
+from minimind.recipes.rl import read_jsonl, rl_example
 from minimind.tokenizer import chars_per_token, load_tokenizer, train_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.distill import DistillStage
@@ -59,10 +59,6 @@ HELD_OUT_TEXT = {
     "English": "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
     "Chinese": "新华社北京一月三日电，国务院新闻办公室今天举行新闻发布会，介绍今年经济工作的主要任务。",
 }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
@@ -247,6 +243,6 @@ def right_by_kind(pairs: list[dict], before: list[float], after: list[float]) ->
 
 
 def last_val_loss(run: Path) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run / "metrics.jsonl")
     values = [r["val_loss"] for r in rows if "val_loss" in r]
     return values[-1] if values else float("nan")

@@ -280,11 +280,11 @@ async def chat(request: Request):
 async def completions(request: Request):
     state = request.app.state
     req: CompletionRequest = await parse_body(request, CompletionRequest)
-    prompts = completion_prompts(req, state.tokenizer, state.model.config.vocab_size)
     max_tokens = req.max_tokens if req.max_tokens is not None else state.sampling_defaults.get("max_new_tokens", 16)
-    jobs = [(ids, sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults))
-            for ids, _ in prompts]
-    texts = [text for _, text in prompts]
+    jobs, texts = [], []
+    for ids, text in completion_prompts(req, state.tokenizer, state.model.config.vocab_size):
+        jobs.append((ids, sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults)))
+        texts.append(text)
     n_prompt = sum(len(ids) for ids, _ in jobs)
     rid, now, name = new_id("cmpl-"), int(time.time()), state.name
     events = run_jobs(request, jobs, req.ignore_eos)

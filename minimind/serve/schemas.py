@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Request
@@ -113,22 +114,21 @@ def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
     return thinking, tools
 
 
-def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int) -> list[tuple[list[int], str]]:
-    """(token ids, text) of each prompt of a completions request: a string, strings, or token ids."""
+def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int) -> Iterator[tuple[list[int], str]]:
+    """(token ids, text) of each prompt of a completions request (a string, strings, or token ids), each
+    checked as it is reached."""
     prompts = req.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
-    out = []
     for p in prompts:
         ids = list(p) if isinstance(p, list) else tokenizer.encode(p, add_special_tokens=False)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         if any(not 0 <= t < vocab_size for t in ids):
             raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
-        out.append((ids, p if isinstance(p, str) else tokenizer.decode(ids)))
-    return out
+        yield ids, p if isinstance(p, str) else tokenizer.decode(ids)
 
 
 def repetition_penalty(req: SamplingRequest, default: float = 1.0) -> float:

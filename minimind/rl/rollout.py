@@ -12,6 +12,7 @@ import torch
 
 from minimind.chat import CALL_OPEN, THINK_OPEN, parse_assistant, render
 from minimind.generation import Completion, SamplingParams, generate
+from minimind.logprobs import token_logprobs
 from minimind.rl.rewards import Sample, ToolCall
 from minimind.tools import run_tool
 
@@ -168,13 +169,6 @@ def to_batch(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels}
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t | tokens < t) for t = 1..T-1: [N, T-1], aligned with labels[:, 1:]. In fp32: bf16
-    log-probs are too coarse for importance ratios."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 @torch.no_grad()
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 16) -> torch.Tensor:
     """Per-token log-probs [N, T] of a to_batch() batch under `model` by forward passes (position t holds
@@ -182,9 +176,8 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], ch
     ids, labels = batch["input_ids"], batch["labels"]
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     for lo in range(0, len(ids), chunk):
-        part = ids[lo:lo + chunk]
-        out[lo:lo + chunk, 1:] = token_logprobs(model(part).logits, part)
-    return out.masked_fill(labels == -100, 0.0)
+        out[lo:lo + chunk, 1:] = token_logprobs(model(ids[lo:lo + chunk]).logits, labels[lo:lo + chunk])
+    return out
 
 
 def attach_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], device: torch.device | str = "cpu",

@@ -15,6 +15,7 @@ from minimind.chat import encode_chat
 from minimind.checkpoint import load_model
 from minimind.data.formats import BadLine, iter_rows
 from minimind.data.pack import PackStats
+from minimind.logprobs import response_logps
 from minimind.train.config import TrainConfig
 
 Pair = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # chosen ids, chosen mask, rejected ids, rejected mask
@@ -98,14 +99,6 @@ def collate_pairs(rows: list[Pair], pad_id: int = 0) -> dict[str, torch.Tensor]:
         ids[i, :len(t)] = t
         labels[i, :len(t)] = torch.where(torch.from_numpy(np.asarray(mask, dtype=bool)), t, -100)
     return {"input_ids": ids, "labels": labels}
-
-
-def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row, the summed log-probability of the labelled (response) tokens: [B, T, V], [B, T] -> [B]."""
-    targets = labels[:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                          reduction="none")
-    return -nll.view_as(targets).sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -21,12 +21,12 @@ try:  # the openai SDK of this pin ships its HTTP client as httpx2
 except ImportError:  # pragma: no cover
     import httpx
 
-from minimind.chat import encode_chat, parse_assistant, render
+from minimind.chat import AssistantParser, encode_chat, parse_assistant, render
 from minimind.generation import SamplingParams, generate, sampling_defaults
 from minimind.serve.api import _get, create_app
 from minimind.serve.commands import free_port
 from minimind.serve.scheduler import Scheduler
-from minimind.serve.schemas import StreamParser
+from minimind.serve.schemas import new_id
 from minimind.tools import CALCULATOR_TOOL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_stream_parser_deltas_add_up_to_parse_assistant(thinking):
     for text in texts:
         for _ in range(5):
             cuts = sorted(rng.sample(range(1, len(text)), min(6, len(text) - 1)))
-            parser, got = StreamParser(thinking), {"reasoning_content": "", "content": "", "tool_calls": []}
+            parser, got = AssistantParser(thinking, call_id=lambda: new_id("call_")), {"reasoning_content": "", "content": "", "tool_calls": []}
             for a, b in zip([0] + cuts, cuts + [len(text)]):
                 deltas = parser.feed(text[a:b])
                 for d in deltas:

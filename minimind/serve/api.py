@@ -21,14 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind.chat import encode_chat
+from minimind.chat import AssistantParser, encode_chat
 from minimind.generation import Completion, SamplingParams
 from minimind.serve.scheduler import Event, QueueFull, Scheduler
 from minimind.serve.schemas import (
     APIError,
     ChatRequest,
     CompletionRequest,
-    StreamParser,
+    chat_message,
     chat_options,
     completion_prompts,
     new_id,
@@ -214,7 +214,8 @@ async def chat(request: Request):
     params = sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults,
                              state.default_max_tokens)
     rid, now, name = new_id("chatcmpl-"), int(time.time()), state.name
-    parsers = [StreamParser(thinking, parse_tools=tools is not None) for _ in params]
+    parsers = [AssistantParser(thinking, parse_tools=tools is not None, call_id=lambda: new_id("call_"))
+               for _ in params]
     events = run_jobs(request, [(ids, params)], req.ignore_eos)
 
     def finish_reason(i: int, r: Completion) -> str:
@@ -231,7 +232,7 @@ async def chat(request: Request):
                 parsers[i].finish()
                 results[i] = ev.result
         _check_complete(results, len(params))
-        choices = [{"index": i, "message": p.chat_message(), "logprobs": None,
+        choices = [{"index": i, "message": chat_message(p), "logprobs": None,
                     "finish_reason": finish_reason(i, results[i])} for i, p in enumerate(parsers)]
         return {"id": rid, "object": "chat.completion", "created": now, "model": name, "choices": choices,
                 "usage": usage([results[i] for i in range(len(params))], len(ids))}

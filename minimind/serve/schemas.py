@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, _parse_call
+from minimind.chat import AssistantParser
 from minimind.generation import Completion, SamplingParams
 
 # ---- errors in OpenAI's shape ----------------------------------------------------------------------------
@@ -172,97 +172,18 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_tokens: int | Non
         raise APIError(400, str(e)) from None
 
 
-# ---- streaming parse of an assistant turn -------------------------------------------------------------
-
-
-class StreamParser:
-    """Turns the text of one choice, piece by piece, into OpenAI deltas: reasoning_content (until `</think>`
-    when the prompt opened thinking), content, and tool_calls (each `<tool_call>{json}</tool_call>` block whose
-    JSON parses; others stay text). For well-formed turns the deltas add up to exactly what `parse_assistant`
-    makes of the whole text (tests check it). Text that may still become a tag is held back until decided, and
-    the non-streaming answer is built from the same deltas, so the two always agree."""
-
-    def __init__(self, thinking: bool, parse_tools: bool = True) -> None:
-        self.mode = "reasoning_content" if thinking else "content"
-        self.parse_tools = parse_tools
-        self.buf = ""  # text not classified yet
-        self.started = {"reasoning_content": False, "content": False}
-        self.held = {"reasoning_content": "", "content": ""}  # trailing whitespace: kept only if text follows
-        self.message: dict[str, Any] = {"reasoning_content": "", "content": "", "tool_calls": []}
-
-    def feed(self, piece: str) -> list[dict]:
-        self.buf += piece
-        return self._run(final=False)
-
-    def finish(self) -> list[dict]:
-        return self._run(final=True)
-
-    def _emit(self, key: str, text: str, out: list[dict]) -> None:
-        chars = "\n" if key == "reasoning_content" else None  # parse_assistant: strip("\n") / strip()
-        if not self.started[key]:
-            text = text.lstrip(chars)
-            if not text:
-                return
-            self.started[key] = True
-        text = self.held[key] + text
-        body = text.rstrip(chars)
-        self.held[key] = text[len(body):]
-        if body:
-            out.append({key: body})
-            self.message[key] += body
-
-    def _run(self, final: bool) -> list[dict]:
-        out: list[dict] = []
-        while self.buf:
-            tag = THINK_CLOSE if self.mode == "reasoning_content" else CALL_OPEN if self.parse_tools else None
-            at = self.buf.find(tag) if tag else -1
-            if at == -1:  # no tag: all but a tail that could be the start of one is settled
-                keep = 0 if final or not tag else _tag_prefix(self.buf, tag)
-                self._emit(self.mode, self.buf[:len(self.buf) - keep], out)
-                self.buf = self.buf[len(self.buf) - keep:]
-                break
-            self._emit(self.mode, self.buf[:at], out)
-            if tag == THINK_CLOSE:
-                self.buf, self.mode = self.buf[at + len(tag):], "content"
-                continue
-            end = self.buf.find(CALL_CLOSE, at)
-            if end == -1:  # an open block: wait for its end (at the very end it is plain text)
-                if final:
-                    self._emit("content", self.buf[at:], out)
-                    self.buf = ""
-                else:
-                    self.buf = self.buf[at:]
-                break
-            call = _parse_call(self.buf[at + len(CALL_OPEN):end].strip())
-            if call is None:  # not a well-formed call: it stays in the text
-                self._emit("content", self.buf[at:end + len(CALL_CLOSE)], out)
-            else:
-                call = {"index": len(self.message["tool_calls"]), "id": new_id("call_"), **call}
-                self.message["tool_calls"].append(call)
-                out.append({"tool_calls": [call]})
-            self.buf = self.buf[end + len(CALL_CLOSE):]
-        return out
-
-    def chat_message(self) -> dict:
-        """The whole assistant message of a non-streaming answer, from what the deltas gathered."""
-        message = {"role": "assistant", "content": self.message["content"]}
-        if self.started["reasoning_content"]:
-            message["reasoning_content"] = self.message["reasoning_content"]
-        if self.message["tool_calls"]:
-            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in self.message["tool_calls"]]
-            message["content"] = message["content"] or None
-        return message
-
-
-def _tag_prefix(text: str, tag: str) -> int:
-    """Length of the longest tail of text that is a proper prefix of tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
-
-
 # ---- response pieces ------------------------------------------------------------------------------------
+
+
+def chat_message(parser: AssistantParser) -> dict:
+    """The whole assistant message of a non-streaming answer, from what the parser's deltas gathered."""
+    message = {"role": "assistant", "content": parser.message["content"]}
+    if parser.started["reasoning_content"]:
+        message["reasoning_content"] = parser.message["reasoning_content"]
+    if parser.message["tool_calls"]:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in parser.message["tool_calls"]]
+        message["content"] = message["content"] or None
+    return message
 
 
 def new_id(prefix: str) -> str:

@@ -10,8 +10,9 @@ import torch
 from minimind import MiniMindError
 from minimind.chat import encode_chat
 from minimind.generation import Completion, SamplingParams
-from minimind.rl.rewards import Sample, ToolCall, parse_weights, score
+from minimind.rl.rewards import Sample, parse_weights, score
 from minimind.rl.rollout import TorchEngine, attach_logprobs, sample, sample_with_tools, to_batch
+from minimind.tools import ToolCall
 from minimind.train.grpo import aggregate, cispo_token_loss, group_advantages, grpo_token_loss, k3_kl
 from minimind.train.ppo import gae, ppo_token_losses, whiten
 

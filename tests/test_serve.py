@@ -161,7 +161,8 @@ def test_stream_parser_deltas_add_up_to_parse_assistant(thinking):
     for text in texts:
         for _ in range(5):
             cuts = sorted(rng.sample(range(1, len(text)), min(6, len(text) - 1)))
-            parser, got = AssistantParser(thinking, call_id=lambda: new_id("call_")), {"reasoning_content": "", "content": "", "tool_calls": []}
+            parser = AssistantParser(thinking, call_id=lambda: new_id("call_"))
+            got = {"reasoning_content": "", "content": "", "tool_calls": []}
             for a, b in zip([0] + cuts, cuts + [len(text)]):
                 deltas = parser.feed(text[a:b])
                 for d in deltas:

@@ -4,11 +4,11 @@ template for tokenizer_config.json; parsers for <think>/<tool_call>. `ids, mask 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from typing import Any
 
 # ChatML pieces, spelled once. The format is MiniMind's (a Qwen3 derivative) so its published weights work.
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
@@ -327,10 +327,8 @@ def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation
 
 # ---------------------------------------------------------------------------------------------- parse
 
-_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
 
-
-def _parse_call(body: str) -> dict | None:
+def parse_call(body: str) -> dict | None:
     """One `<tool_call>` body as an OpenAI tool call, or None if it is not a well-formed call."""
     try:
         data = json.loads(body)
@@ -346,30 +344,104 @@ def _parse_call(body: str) -> dict | None:
     return {"type": "function", "function": {"name": data["name"], "arguments": args}}
 
 
-def parse_assistant(text: str) -> dict[str, Any]:
-    """Split a generated assistant turn into reasoning, visible content and tool calls.
+class AssistantParser:
+    """THE parser of an assistant turn's text, fed piece by piece as it streams (or whole: `parse_assistant`).
 
-    Handles `<think>..</think>`, a bare `..</think>` (the prompt already opened `<think>`), any number of
-    `<tool_call>{json}</tool_call>` blocks and a trailing `<|im_end|>`. A block whose JSON does not parse
-    stays in the content as text: model output is data, never code."""
-    text = text.split(IM_END)[0].replace("<|endoftext|>", "")
-    reasoning: str | None = None
-    if THINK_CLOSE in text:  # as rendering splits: first </think> ends reasoning, last starts content
-        reasoning = text.split(THINK_CLOSE)[0].split(THINK_OPEN)[-1]
-        text = text.split(THINK_CLOSE)[-1]
-    elif text.lstrip().startswith(THINK_OPEN):  # cut off while still thinking
-        reasoning, text = text.lstrip()[len(THINK_OPEN):], ""
-    if reasoning is not None:
-        reasoning = reasoning.strip("\n") or None
+    `feed` and `finish` return OpenAI-style deltas: {"reasoning_content": ...} until the first `</think>` when the
+    turn is thinking (the prompt opened `<think>`; a `<think>` the model writes first is dropped), then
+    {"content": ...}, and {"tool_calls": [call]} for each `<tool_call>{json}</tool_call>` block whose JSON parses
+    (a block that does not parse, or never closes, stays text: model output is data, never code). Text that may
+    still become a tag is held back until decided; whitespace around reasoning and content is trimmed as the
+    template writes it. `message` gathers the deltas, so a streamed and a whole answer always agree. Given
+    `call_id` (a function making ids), each call carries an OpenAI `index` and `id`, as the API sends them."""
 
-    calls = []
+    def __init__(self, thinking: bool, parse_tools: bool = True, call_id: Callable[[], str] | None = None) -> None:
+        self.mode = "reasoning_content" if thinking else "content"
+        self.parse_tools, self.call_id = parse_tools, call_id
+        self.buf = ""  # text not classified yet
+        self.started = {"reasoning_content": False, "content": False}
+        self.held = {"reasoning_content": "", "content": ""}  # trailing whitespace: kept only if text follows
+        self.message: dict[str, Any] = {"reasoning_content": "", "content": "", "tool_calls": []}
 
-    def take(match: re.Match) -> str:
-        call = _parse_call(match.group(1).strip())
-        if call is None:
-            return match.group(0)
-        calls.append(call)
-        return ""
+    def feed(self, piece: str) -> list[dict]:
+        self.buf += piece
+        return self._run(final=False)
 
-    content = _CALL_RE.sub(take, text)
-    return {"reasoning_content": reasoning, "content": content.strip(), "tool_calls": calls}
+    def finish(self) -> list[dict]:
+        return self._run(final=True)
+
+    def _emit(self, key: str, text: str, out: list[dict]) -> None:
+        chars = "\n" if key == "reasoning_content" else None  # reasoning keeps its spaces, content is stripped
+        if not self.started[key]:
+            text = text.lstrip(chars)
+            if not text:
+                return
+            self.started[key] = True
+        text = self.held[key] + text
+        body = text.rstrip(chars)
+        self.held[key] = text[len(body):]
+        if body:
+            out.append({key: body})
+            self.message[key] += body
+
+    def _run(self, final: bool) -> list[dict]:
+        out: list[dict] = []
+        if self.mode == "reasoning_content" and not self.started["reasoning_content"]:
+            head = self.buf.lstrip()
+            if head.startswith(THINK_OPEN):  # the model opened thinking itself
+                self.buf = head[len(THINK_OPEN):]
+            elif THINK_OPEN.startswith(head) and head and not final:
+                return out  # may still become <think>
+        while self.buf:
+            tag = THINK_CLOSE if self.mode == "reasoning_content" else CALL_OPEN if self.parse_tools else None
+            at = self.buf.find(tag) if tag else -1
+            if at == -1:  # no tag: all but a tail that could be the start of one is settled
+                keep = 0 if final or not tag else _tag_prefix(self.buf, tag)
+                self._emit(self.mode, self.buf[:len(self.buf) - keep], out)
+                self.buf = self.buf[len(self.buf) - keep:]
+                break
+            self._emit(self.mode, self.buf[:at], out)
+            if tag == THINK_CLOSE:
+                self.buf, self.mode = self.buf[at + len(tag):], "content"
+                continue
+            end = self.buf.find(CALL_CLOSE, at)
+            if end == -1:  # an open block: wait for its end (at the very end it is plain text)
+                if final:
+                    self._emit("content", self.buf[at:], out)
+                    self.buf = ""
+                else:
+                    self.buf = self.buf[at:]
+                break
+            call = parse_call(self.buf[at + len(CALL_OPEN):end].strip())
+            if call is None:  # not a well-formed call: it stays in the text
+                self._emit("content", self.buf[at:end + len(CALL_CLOSE)], out)
+            else:
+                if self.call_id:
+                    call = {"index": len(self.message["tool_calls"]), "id": self.call_id(), **call}
+                self.message["tool_calls"].append(call)
+                out.append({"tool_calls": [call]})
+            self.buf = self.buf[end + len(CALL_CLOSE):]
+        return out
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest tail of text that is a proper prefix of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def parse_assistant(text: str, thinking: bool | None = None) -> dict[str, Any]:
+    """A whole generated assistant turn as {"reasoning_content" (None if empty), "content", "tool_calls"}:
+    AssistantParser over the text up to `<|im_end|>`. `thinking` says whether the prompt opened `<think>`;
+    None reads it from the text (a `</think>` in it, or a `<think>` at its start)."""
+    text = text.split(IM_END)[0].replace(PAD, "")
+    if thinking is None:
+        thinking = THINK_CLOSE in text or text.lstrip().startswith(THINK_OPEN)
+    parser = AssistantParser(thinking)
+    parser.feed(text)
+    parser.finish()
+    message = parser.message
+    return {"reasoning_content": message["reasoning_content"] or None, "content": message["content"],
+            "tool_calls": message["tool_calls"]}

@@ -15,6 +15,7 @@ from torch import nn
 
 from minimind import blocked_attention
 from minimind.config import ModelConfig
+from minimind.logprobs import token_logprobs
 
 
 class RMSNorm(nn.Module):
@@ -367,7 +368,7 @@ class MiniMindForCausalLM(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = -token_logprobs(logits, labels).sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_total)
 
     @staticmethod

@@ -189,3 +189,49 @@ def run_tool(name: str, arguments: dict | str) -> str:
         return f"error: {tool.name} takes {', '.join(params['properties'])}" + (
             f"; missing {', '.join(missing)}" if missing else f"; unexpected {', '.join(map(str, extra))[:60]}")
     return tool.run(**arguments)[:MAX_OUTPUT]
+
+
+# ---- the tool loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolCall:
+    """One tool call a conversation made: what the model wrote and what the sandbox answered."""
+
+    name: str
+    arguments: str
+    result: str
+    valid: bool  # the tool exists and accepted the arguments (the result is not an error)
+
+
+class ToolLoop:
+    """THE tool loop of one conversation, whoever drives it (the terminal chat, the web page, agentic RL
+    rollouts, which run many at once): after each assistant message, `step` runs the message's calls in the
+    sandbox and returns the tool messages to append before the model goes on, or None when the turn is over:
+    the message called nothing (`finished`), or `max_rounds` rounds of calls were answered already (its calls
+    are left unrun: nobody would read their results)."""
+
+    def __init__(self, max_rounds: int, run: Callable[[str, str], str] = run_tool) -> None:
+        self.max_rounds, self.run = max_rounds, run
+        self.rounds = 0
+        self.finished = False
+        self.calls: list[ToolCall] = []
+
+    def step(self, message: dict) -> list[dict] | None:
+        calls = message.get("tool_calls") or []
+        if not calls:
+            self.finished = True
+            return None
+        if self.rounds == self.max_rounds:
+            return None
+        self.rounds += 1
+        replies = []
+        for call in calls:
+            fn = call["function"]
+            result = self.run(fn["name"], fn["arguments"])
+            self.calls.append(ToolCall(fn["name"], fn["arguments"], result, not result.startswith("error")))
+            reply = {"role": "tool", "content": result}
+            if "id" in call:  # OpenAI clients pair results with calls by id
+                reply["tool_call_id"] = call["id"]
+            replies.append(reply)
+        return replies

@@ -15,11 +15,12 @@ import pytest
 from conftest import CORPUS
 from tokenizers import Tokenizer, models
 
-import minimind.data.pack as packing
+import minimind.data.pack_workers as packing
 from minimind import MiniMindError
 from minimind.chat import EMPTY_THINK, encode_chat, render
 from minimind.data.formats import iter_rows
-from minimind.data.pack import SYSTEM_PROMPTS, PackedDataset, pack
+from minimind.data.pack import PackedDataset, pack
+from minimind.data.pack_workers import SYSTEM_PROMPTS
 
 ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "add two numbers",
                                              "parameters": {"type": "object", "properties": {"a": {}, "b": {}}}}}

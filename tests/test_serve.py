@@ -21,11 +21,12 @@ try:  # the openai SDK of this pin ships its HTTP client as httpx2
 except ImportError:  # pragma: no cover
     import httpx
 
-from minimind.chat import encode_chat, parse_assistant, render
-from minimind.generation import SamplingParams, generate
-from minimind.serve.api import StreamParser, _get, create_app
+from minimind.chat import AssistantParser, encode_chat, parse_assistant, render
+from minimind.generation import SamplingParams, generate, sampling_defaults
+from minimind.serve.api import _get, create_app
 from minimind.serve.commands import free_port
 from minimind.serve.scheduler import Scheduler
+from minimind.serve.schemas import new_id
 from minimind.tools import CALCULATOR_TOOL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +161,8 @@ def test_stream_parser_deltas_add_up_to_parse_assistant(thinking):
     for text in texts:
         for _ in range(5):
             cuts = sorted(rng.sample(range(1, len(text)), min(6, len(text) - 1)))
-            parser, got = StreamParser(thinking), {"reasoning_content": "", "content": "", "tool_calls": []}
+            parser = AssistantParser(thinking, call_id=lambda: new_id("call_"))
+            got = {"reasoning_content": "", "content": "", "tool_calls": []}
             for a, b in zip([0] + cuts, cuts + [len(text)]):
                 deltas = parser.feed(text[a:b])
                 for d in deltas:
@@ -224,6 +226,31 @@ def test_full_queue_answers_429_in_openai_shape(tokenizer):
         assert err["code"] == "queue_full"
 
 
+def test_sampling_params_fill_what_the_request_omits():
+    """The model's generation_config.json defaults fill omitted fields; a request's own fields win; with no
+    defaults the API keeps OpenAI's (temperature 1, nothing else on, the rest of the context)."""
+    from minimind.serve.schemas import ChatRequest, sampling_params
+
+    defaults = {"temperature": 0.0, "top_p": 0.85, "top_k": 50, "min_p": 0.1, "repetition_penalty": 1.1,
+                "max_new_tokens": 9}
+    msgs = [{"role": "user", "content": "hi"}]
+
+    def fields(p):
+        return p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.max_new_tokens
+
+    (p,) = sampling_params(ChatRequest(messages=msgs), 10, None, 100, defaults)
+    assert fields(p) == (0.0, 0.85, 50, 0.1, 1.1, 9)
+    own = ChatRequest(messages=msgs, temperature=0.7, top_p=1, top_k=0, min_p=0, frequency_penalty=1)
+    (p,) = sampling_params(own, 10, 20, 100, defaults)
+    assert fields(p) == (0.7, 1.0, 0, 0.0, 1.5, 20)
+    (p,) = sampling_params(ChatRequest(messages=msgs), 95, None, 100, defaults)
+    assert p.max_new_tokens == 5  # the context still caps it
+    (p,) = sampling_params(ChatRequest(messages=msgs), 10, None, 100, defaults, default_max_tokens=30)
+    assert p.max_new_tokens == 30  # the server's own cap comes before the model's
+    (p,) = sampling_params(ChatRequest(messages=msgs), 10, None, 100, {})
+    assert fields(p) == (1.0, 1.0, 0, 0.0, 1.0, 90)
+
+
 # ---- the real server ------------------------------------------------------------------------------------
 
 
@@ -231,8 +258,42 @@ def test_models_and_health(client, server, chat_model_dir):
     models = client.models.list().data
     assert [m.id for m in models] == [chat_model_dir.name]
     assert models[0].model_extra["context_length"] == 1024
+    assert models[0].model_extra["sampling_defaults"] == sampling_defaults(chat_model_dir)  # save_model's 0.85/0.85
     health = httpx.get(server + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 16
+
+
+def test_generation_config_gives_the_defaults_a_request_omits(chat_model_dir, local, tmp_path):
+    """`minimind serve` reads the model's generation_config.json: do_sample false answers greedily to requests
+    that name no temperature (and max_new_tokens bounds them), a request's temperature wins, and the model
+    card shows the defaults."""
+    import shutil
+
+    from openai import OpenAI
+
+    model_dir = tmp_path / "greedy-model"
+    shutil.copytree(chat_model_dir, model_dir)
+    gen_file = model_dir / "generation_config.json"
+    gen_file.write_text(json.dumps({**json.loads(gen_file.read_text()), "do_sample": False, "max_new_tokens": 9}))
+    proc, url = start_server(model_dir)
+    try:
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        card = client.models.list().data[0].model_extra["sampling_defaults"]
+        assert card == sampling_defaults(model_dir) and card["temperature"] == 0 and card["max_new_tokens"] == 9
+        msgs = [{"role": "user", "content": "Tell me about the king and the question"}]  # not learnt: a ramble
+        want = greedy(local, msgs, max_new_tokens=9)[1]
+        answers = [client.chat.completions.create(model="m", messages=msgs, seed=seed) for seed in (1, 2)]
+        assert [a.choices[0].message.content for a in answers] == [want.text.strip()] * 2
+        assert answers[0].usage.completion_tokens == len(want.token_ids) == 9
+        sampled = client.chat.completions.create(model="m", messages=msgs, n=4, temperature=1.5, seed=0)
+        assert any(c.message.content != want.text.strip() for c in sampled.choices)
+        model, tok = local
+        prompt = "To be, or not"
+        plain = generate(model, tok, [tok.encode(prompt)], SamplingParams(max_new_tokens=9, temperature=0))[0]
+        assert client.completions.create(model="m", prompt=prompt).choices[0].text == plain.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def test_plain_chat_and_usage(client, local):

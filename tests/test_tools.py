@@ -1,5 +1,7 @@
 """The sandboxed tools: exact results, and every bad call answered with an error text, never an exception."""
 
+import json
+
 import pytest
 
 from minimind.tools import TOOLS, run_tool, tool_schemas
@@ -46,3 +48,22 @@ def test_schemas():
     assert tool_schemas(["unit_convert"])[0]["function"]["parameters"]["required"] == ["value", "from_unit", "to_unit"]
     with pytest.raises(ValueError, match="unknown tool"):
         tool_schemas(["nope"])
+
+
+def test_tool_loop_runs_calls_until_a_message_calls_nothing_or_the_round_limit():
+    from minimind.tools import ToolLoop
+
+    def calling(expression, call_id=None):
+        args = json.dumps({"expression": expression})
+        call = {"type": "function", "function": {"name": "calculator", "arguments": args}}
+        return {"role": "assistant", "content": "", "tool_calls": [call | ({"id": call_id} if call_id else {})]}
+
+    loop = ToolLoop(max_rounds=2)
+    assert loop.step(calling("2*3", "call_1")) == [{"role": "tool", "content": "6", "tool_call_id": "call_1"}]
+    assert loop.step(calling("1/0")) == [{"role": "tool", "content": loop.calls[1].result}]
+    assert loop.calls[0].valid and not loop.calls[1].valid and loop.calls[1].result.startswith("error")
+    ran = []
+    loop.run = lambda name, args: ran.append(name) or "x"
+    assert loop.step(calling("1+1")) is None and ran == [] and not loop.finished  # third round: left unrun
+    done = ToolLoop(max_rounds=2)
+    assert done.step({"role": "assistant", "content": "5"}) is None and done.finished and done.calls == []

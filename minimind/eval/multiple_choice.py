@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from minimind import MiniMindError
+from minimind.logprobs import response_logps
 from minimind.model import MiniMindForCausalLM
 
 LETTERS = "ABCDEFGHIJ"
@@ -215,15 +216,15 @@ def loglikelihoods(model: MiniMindForCausalLM, tokenizer, requests: Sequence[tup
         chunk = order[lo:lo + batch_size]
         width = max(len(encoded[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), model.config.pad_token_id, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, :len(encoded[i][0])] = torch.tensor(encoded[i][0])
-        # Right padding needs no mask: causal attention never lets a real token see the padding after it.
-        logits = model(ids.to(device)).logits
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         for row, i in enumerate(chunk):
             seq, start = encoded[i]
-            target = torch.tensor(seq[start:], device=device)
-            logp = logits[row, start - 1:len(seq) - 1].float().log_softmax(-1)
-            out[i] = (float(logp.gather(1, target[:, None]).sum()), len(target))
+            ids[row, :len(seq)] = torch.tensor(seq)
+            labels[row, start:len(seq)] = ids[row, start:len(seq)]
+        # Right padding needs no mask: causal attention never lets a real token see the padding after it.
+        logp = response_logps(model(ids.to(device)).logits, labels.to(device)).tolist()
+        for row, i in enumerate(chunk):
+            out[i] = (logp[row], len(encoded[i][0]) - encoded[i][1])
         bar.update(len(chunk))
     bar.close()
     return out

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from minimind.logprobs import token_logprobs
 from minimind.model import MiniMindForCausalLM
 
 
@@ -59,10 +59,8 @@ def score_texts(model: MiniMindForCausalLM, tokenizer, texts: Iterable[str], seq
         for i, w in enumerate(chunk):
             ids[i, :len(w)] = torch.tensor(w)
             labels[i, :len(w)] = torch.tensor(w)
-        logits = model(ids.to(device)).logits[:, :-1].float()
-        target = labels[:, 1:].to(device)
-        nats += float(F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
-        tokens += int((target != -100).sum())
+        nats -= float(token_logprobs(model(ids.to(device)).logits, labels.to(device)).sum())
+        tokens += int((labels[:, 1:] != -100).sum())
         bar.update(len(chunk))
     bar.close()
     return TextScore(tokens=tokens, bytes=n_bytes, nats=nats)

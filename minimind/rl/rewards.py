@@ -11,16 +11,7 @@ from typing import Any
 from minimind import MiniMindError
 from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, parse_assistant
 from minimind.data.tasks import NUMBER_RE, is_correct
-
-
-@dataclass
-class ToolCall:
-    """One tool call a trajectory made: what the model wrote and what the sandbox answered."""
-
-    name: str
-    arguments: str
-    result: str
-    valid: bool  # the tool exists and accepted the arguments (the result is not an error)
+from minimind.tools import ToolCall
 
 
 @dataclass

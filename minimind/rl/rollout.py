@@ -12,8 +12,9 @@ import torch
 
 from minimind.chat import CALL_OPEN, THINK_OPEN, parse_assistant, render
 from minimind.generation import Completion, SamplingParams, generate
-from minimind.rl.rewards import Sample, ToolCall
-from minimind.tools import run_tool
+from minimind.logprobs import token_logprobs
+from minimind.rl.rewards import Sample
+from minimind.tools import ToolCall, ToolLoop, run_tool
 
 
 class RolloutEngine(Protocol):
@@ -103,12 +104,13 @@ def sample_with_tools(engine: RolloutEngine, tokenizer, prompts: Sequence[list[i
                       params: SamplingParams, seeds: Sequence[int | None] | None = None,
                       thinking: Sequence[bool] | None = None, max_turns: int = 3, max_total_len: int = 2500,
                       run: Callable[[str, str], str] = run_tool) -> list[Rollout]:
-    """Multi-turn tool use: generate; if the turn calls tools, run each in the sandbox (`run`, default
-    minimind.tools.run_tool: own parsers, bounded output, never eval), append the <tool_response> turn and
-    let the model continue; stop at a turn without calls, at `max_turns` turns or at `max_total_len` tokens.
-    Tool tokens get mask 0: the policy did not choose them."""
+    """Multi-turn tool use, each trajectory on its own ToolLoop (minimind.tools: `run`, default run_tool, is our
+    own parsers with bounded output, never eval): generate; if the turn calls tools, append the <tool_response>
+    turn and let the model continue; stop at a turn without calls, at `max_turns` turns or at `max_total_len`
+    tokens. Tool tokens get mask 0: the policy did not choose them."""
     rollouts = [Rollout(prompt=list(p), thinking=bool(thinking[i]) if thinking is not None else False)
                 for i, p in enumerate(prompts) for _ in range(n)]
+    loops = [ToolLoop(max_turns - 1, run) for _ in rollouts]  # the last turn's calls would get no answer
     base = _seeded(params, seeds, len(rollouts))
     active = list(range(len(rollouts)))
     for turn in range(max_turns):
@@ -126,17 +128,11 @@ def sample_with_tools(engine: RolloutEngine, tokenizer, prompts: Sequence[list[i
             reply = _add_turn(r, out, engine.eos_id)
             if out.finish_reason != "stop":
                 continue  # cut off: unfinished
-            if not reply["tool_calls"]:
-                r.finished = True
-                continue
-            if turn == max_turns - 1:
-                continue  # still calling tools at the turn limit: unfinished
-            results = []
-            for call in reply["tool_calls"]:
-                fn = call["function"]
-                result = run(fn["name"], fn["arguments"])
-                r.tool_calls.append(ToolCall(fn["name"], fn["arguments"], result, not result.startswith("error")))
-                results.append({"role": "tool", "content": result})
+            results = loops[i].step(reply)
+            r.tool_calls = loops[i].calls
+            r.finished = loops[i].finished
+            if results is None:
+                continue  # no calls (finished), or still calling tools at the turn limit (unfinished)
             # The template's own rendering of the tool turn, then the next assistant header ("\n" closes the
             # assistant line the model ended with <|im_end|>).
             piece = "\n" + render(results, add_generation_prompt=True, enable_thinking=r.thinking)
@@ -168,13 +164,6 @@ def to_batch(rollouts: Sequence[Rollout], pad_id: int = 0) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels}
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p(token t | tokens < t) for t = 1..T-1: [N, T-1], aligned with labels[:, 1:]. In fp32: bf16
-    log-probs are too coarse for importance ratios."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-
-
 @torch.no_grad()
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 16) -> torch.Tensor:
     """Per-token log-probs [N, T] of a to_batch() batch under `model` by forward passes (position t holds
@@ -182,9 +171,8 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], ch
     ids, labels = batch["input_ids"], batch["labels"]
     out = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
     for lo in range(0, len(ids), chunk):
-        part = ids[lo:lo + chunk]
-        out[lo:lo + chunk, 1:] = token_logprobs(model(part).logits, part)
-    return out.masked_fill(labels == -100, 0.0)
+        out[lo:lo + chunk, 1:] = token_logprobs(model(ids[lo:lo + chunk]).logits, labels[lo:lo + chunk])
+    return out
 
 
 def attach_logprobs(model: torch.nn.Module, rollouts: Sequence[Rollout], device: torch.device | str = "cpu",

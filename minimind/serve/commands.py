@@ -56,6 +56,7 @@ def start_api_thread(args: argparse.Namespace, host: str, port: int):
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from minimind.generation import sampling_defaults
     from minimind.serve.api import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or os.environ.get("MINIMIND_API_KEY")):
@@ -66,7 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"minimind: serving {name} ({model.num_parameters() / 1e6:.1f}M parameters) at "
           f"http://{args.host}:{args.port}/v1 (max batch {args.max_batch})", file=sys.stderr)
     serve(model, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue)
+          max_batch=args.max_batch, max_queue=args.max_queue, sampling_defaults=sampling_defaults(args.model))
 
 
 def cmd_webui(args: argparse.Namespace) -> None:

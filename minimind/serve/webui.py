@@ -13,7 +13,7 @@ import sys
 
 import streamlit as st
 
-from minimind.tools import TOOLS, run_tool, tool_schemas
+from minimind.tools import TOOLS, ToolLoop, tool_schemas
 
 MAX_TOOL_ROUNDS = 4  # model -> tool -> model ... at most this many calls per question
 
@@ -131,15 +131,16 @@ def main() -> None:
         st.markdown(prompt)
     with st.chat_message("assistant"):
         try:
-            for _ in range(MAX_TOOL_ROUNDS + 1):
+            loop = ToolLoop(MAX_TOOL_ROUNDS)  # run each call, show it, feed the result back
+            while True:
                 reply = stream_reply(args.api, messages, settings)
                 messages.append(reply)
-                if not reply.get("tool_calls"):
+                results = loop.step(reply)
+                if results is None:
                     break
-                for call in reply["tool_calls"]:  # the tool loop: run each call, show it, feed the result back
-                    result = run_tool(call["function"]["name"], call["function"]["arguments"])
-                    show_tool_call(call, result)
-                    messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+                for call, result in zip(reply["tool_calls"], results):
+                    show_tool_call(call, result["content"])
+                messages += results
         except Exception as e:  # the API is down or refused the request: say so on the page
             st.error(f"request failed: {e}")
             st.caption(json.dumps({"api": args.api}))

@@ -18,6 +18,7 @@ from minimind.chat import encode_chat, parse_assistant
 from minimind.checkpoint import atomic_path, load_model
 from minimind.data.formats import BadLine, iter_rows, parse_row
 from minimind.generation import SamplingParams, generate
+from minimind.logprobs import cross_entropy_sum
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.sft import SFTStage
@@ -85,7 +86,7 @@ class DistillStage(SFTStage):
         student = out.logits[:, :-1][keep]
         with torch.no_grad():
             teacher = self.teacher(ids).logits[:, :-1][keep]
-        ce = F.cross_entropy(student.float(), labels[keep], reduction="sum")
+        ce = cross_entropy_sum(student, labels[keep])
         kl = kd_kl(student[:, :self.vocab], teacher[:, :self.vocab], self.cfg.kd_temperature,
                    self.cfg.kd_reverse).sum()
         alpha, t = self.cfg.kd_alpha, self.cfg.kd_temperature

@@ -21,6 +21,7 @@ from minimind.data.formats import decode_line, parse_row, read_lines
 from minimind.data.tasks import FAMILIES, REASONING_FAMILIES
 from minimind.device import pick_dtype
 from minimind.generation import SamplingParams
+from minimind.logprobs import token_entropy, token_logprobs
 from minimind.rl.rewards import Sample, parse_weights, score
 from minimind.rl.rollout import Rollout, TorchEngine, sample, sequence_logprobs, to_batch
 from minimind.train.config import TrainConfig
@@ -74,6 +75,16 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str) -> tuple[to
     lengths = mask.sum(1)
     has = lengths > 0
     return ((per_token * mask).sum(1)[has] / lengths[has]).sum(), int(has.sum())
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the sampled (labelled) tokens [N, T-1] (with gradient) and the policy's entropy there
+    (without); both 0 at untrained positions."""
+    logp = token_logprobs(logits, labels)
+    entropy = torch.zeros_like(logp)
+    keep = labels[:, 1:] != -100
+    entropy[keep] = token_entropy(logits[:, :-1][keep])
+    return logp, entropy
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------
@@ -236,7 +247,7 @@ class GRPOStage:
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         ids, labels = batch["input_ids"], batch["labels"]
         out = model(ids)
-        logp, entropy = self.logprobs_and_entropy(out.logits, ids)
+        logp, entropy = logprobs_and_entropy(out.logits, labels)
         mask = labels[:, 1:] != -100
         old = batch["old_logp"][:, 1:] if "old_logp" in batch else logp.detach()
         ref = batch["ref_logp"][:, 1:] if "ref_logp" in batch else logp.detach()
@@ -252,15 +263,6 @@ class GRPOStage:
         return total, units, extras
 
     # -- pieces the PPO and agent stages reuse or replace --
-
-    @staticmethod
-    def logprobs_and_entropy(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the sampled tokens [N, T-1] (with gradient) and the policy's entropy there (without)."""
-        lsm = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        logp = lsm.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(lsm.exp() * lsm).sum(-1)
-        return logp, entropy
 
     def metrics(self, batch: Batch, logp, ref, entropy, clipped, mask) -> dict[str, torch.Tensor]:
         m = mask.float()

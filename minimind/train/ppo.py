@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from minimind.checkpoint import save_model
+from minimind.logprobs import token_logprobs
 from minimind.rl.rollout import Rollout
-from minimind.train.grpo import Batch, GRPOStage, aggregate, k3_kl
+from minimind.train.grpo import Batch, GRPOStage, aggregate, k3_kl, logprobs_and_entropy
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
@@ -87,7 +88,7 @@ class PPOStage(GRPOStage):
         ids, labels = batch["input_ids"], batch["labels"]
         mask = labels != -100
         logp = torch.zeros(ids.shape, device=ids.device)
-        logp[:, 1:] = self.logprobs_and_entropy(model(ids).logits, ids)[0]
+        logp[:, 1:] = token_logprobs(model(ids).logits, labels)
         values = self.values(model) * mask
         # The sequence reward arrives on the last trained token; every other step earns 0.
         last = mask.long().cumsum(1).argmax(1)
@@ -99,7 +100,7 @@ class PPOStage(GRPOStage):
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         ids, labels = batch["input_ids"], batch["labels"]
         out = model(ids)
-        logp, entropy = self.logprobs_and_entropy(out.logits, ids)
+        logp, entropy = logprobs_and_entropy(out.logits, labels)
         values = self.values(model)[:, 1:]
         mask = labels[:, 1:] != -100
         ref = batch["ref_logp"][:, 1:] if "ref_logp" in batch else logp.detach()

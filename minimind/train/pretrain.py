@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from minimind.data.pack import pack
+from minimind.logprobs import cross_entropy_sum
 from minimind.train.config import TrainConfig
-from minimind.train.cross_entropy import cross_entropy_sum
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):

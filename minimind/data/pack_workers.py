@@ -1,0 +1,434 @@
+"""The machinery behind minimind.data.pack.pack(): a pool of spawned processes tokenizes byte ranges of the source
+into shard files, which `build(plan, ...)` merges into the cache directory PackedDataset reads; PackStats counts.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from bisect import bisect_right
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from minimind import MiniMindError
+from minimind.chat import EMPTY_THINK, IM_END, IM_START, encode_chat
+from minimind.data.formats import BadLine, decode_line, iter_rows, parse_row
+
+BOS, EOS = IM_START, IM_END  # MiniMind's document delimiters (ids 1 and 2); from chat.py, which workers load fast
+FORMAT_VERSION = 1  # bump when the files or their meaning change: old caches then miss instead of misreading
+MAX_CHUNK_BYTES = 16 << 20  # per job: bounds a worker's memory whatever the file size
+FLUSH_TOKENS = 1 << 20  # a worker writes its shard in pieces of about this many tokens
+ENCODE_BATCH_CHARS = 1 << 20  # pretrain texts handed to encode_batch at once
+KEPT_BAD_LINES = 20  # bad lines remembered in meta.json (all are counted)
+SKIP_HINT = "(use --skip-bad to skip bad lines)"
+
+# MiniMind adds one of these (half English, half Chinese) to some conversations without tools, so the model
+# learns to follow a system prompt without depending on one.
+SYSTEM_PROMPTS = (
+    "You are MiniMind, a small but useful language model.",
+    "You are a helpful assistant. Answer clearly and briefly.",
+    "You are MiniMind, an AI assistant. Think carefully and answer honestly.",
+    "You are a friendly assistant who explains things simply.",
+    "You are a knowledgeable assistant; when you are not sure, say so.",
+    "你是MiniMind，一个小巧但有用的语言模型。",
+    "你是一个乐于助人的AI助手，请清晰简洁地回答问题。",
+    "你是MiniMind，请认真思考后如实回答。",
+    "你是一个友好的助手，善于用简单的语言解释问题。",
+    "你是一个知识丰富的助手，不确定时请坦诚说明。",
+)
+
+
+@dataclass
+class PackStats:
+    """What packing did. Tokens that are not in any row (a pretrain tail, SFT truncation) are counted, not lost
+    silently: `tokens + dropped_tokens` is everything the documents tokenized to."""
+
+    documents: int = 0  # valid documents / conversations read
+    rows: int = 0
+    tokens: int = 0  # tokens stored in rows
+    truncated: int = 0  # SFT conversations longer than seq_len, cut to it
+    skipped_bad: int = 0
+    loss_tokens: int = 0  # tokens with mask 1 (all tokens for pretrain)
+    dropped_tokens: int = 0  # pretrain: the final partial row; SFT: the truncated tails
+    longest: int = 0  # the longest document / conversation in tokens, before any cut
+    no_loss_rows: int = 0  # SFT rows with no assistant token left (e.g. truncated before the answer)
+    source_bytes: int = 0
+    seconds: float = 0.0  # time to build (0 when read from the cache)
+
+    def summary(self) -> str:
+        """One line for logs: rows, tokens, and every kind of loss spelt out."""
+        parts = [f"{self.documents:,} documents -> {self.rows:,} rows, {self.tokens:,} tokens "
+                 f"({self.loss_tokens:,} with loss), longest {self.longest:,}"]
+        if self.truncated:
+            parts.append(f"{self.truncated:,} truncated")
+        if self.dropped_tokens:
+            parts.append(f"{self.dropped_tokens:,} tokens dropped")
+        if self.no_loss_rows:
+            parts.append(f"{self.no_loss_rows:,} rows without loss")
+        if self.skipped_bad:
+            parts.append(f"{self.skipped_bad:,} bad lines skipped")
+        return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a worker needs besides its byte range; pickled once per worker process."""
+
+    source: str
+    kind: str
+    seq_len: int
+    tokenizer_json: str
+    shard_dir: str
+    text: bool  # a .txt source: documents span lines, so it is read whole by formats.iter_rows
+    skip_bad: bool
+    seed: int
+    system_prompt_prob: float
+    keep_empty_think_prob: float
+
+
+class _Job(NamedTuple):
+    number: int
+    start: int  # byte range [start, end), cut just after a newline
+    end: int
+
+
+@dataclass
+class _Result:
+    number: int
+    nbytes: int
+    lines: int  # newlines in the range, so the parent can turn local line numbers into file line numbers
+    stats: PackStats
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (local line, problem)
+    lengths: np.ndarray | None = None  # SFT row lengths
+
+
+class _Encoding(NamedTuple):
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+class _DropEmptyThink:
+    """A tokenizer view that deletes every empty think block from the text before tokenizing (as MiniMind does
+    to 80% of its SFT samples) and reports offsets in the original text. encode_chat's character spans then
+    still mark the right tokens: the blocks lie inside assistant spans, so no boundary moves."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
+        pieces = text.split(EMPTY_THINK)
+        kept_starts, pos = [], 0  # where piece i starts in the kept text; it starts i blocks later originally
+        for piece in pieces:
+            kept_starts.append(pos)
+            pos += len(piece)
+        enc = self.tokenizer.encode("".join(pieces), add_special_tokens=add_special_tokens)
+        width = len(EMPTY_THINK)
+
+        def original(p: int) -> int:
+            return p + (bisect_right(kept_starts, p) - 1) * width
+
+        offsets = [(original(s), original(e - 1) + 1 if e > s else original(s)) for s, e in enc.offsets]
+        return _Encoding(list(enc.ids), offsets)
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[_Encoding]:
+        return [self.encode(t, add_special_tokens) for t in texts]
+
+
+class _Packer:
+    """Tokenizes one job into shard files: `<number>.ids` (uint16), and `<number>.mask` (uint8) for SFT."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.tokenizer = Tokenizer.from_str(plan.tokenizer_json)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.bos, self.eos = self.tokenizer.token_to_id(BOS), self.tokenizer.token_to_id(EOS)
+        self.drop_think = _DropEmptyThink(self.tokenizer)
+
+    def _items(self, job: _Job, result: _Result) -> Iterator[tuple[int, int, dict | ValueError]]:
+        """(local line, byte offset, normalised row or the problem) for each non-blank line of the range."""
+        plan = self.plan
+        if plan.text:
+            bad: list[BadLine] = []
+            for line, row in iter_rows(plan.source, plan.kind, bad):
+                yield from ((b.line, 0, ValueError(b.problem)) for b in bad)
+                bad.clear()
+                yield line, 0, row
+            yield from ((b.line, 0, ValueError(b.problem)) for b in bad)
+            return
+        with open(plan.source, "rb") as fh:
+            fh.seek(job.start)
+            data = fh.read(job.end - job.start)
+        result.lines = data.count(b"\n")
+        offset = job.start
+        for local, raw in enumerate(data.split(b"\n"), 1):
+            line_offset, offset = offset, offset + len(raw) + 1
+            if line_offset == 0:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as formats.read_lines allows
+            if not raw.strip():
+                continue
+            try:
+                yield local, line_offset, parse_row(decode_line(raw), plan.kind)
+            except ValueError as e:
+                yield local, line_offset, e
+
+    def __call__(self, job: _Job) -> _Result:
+        plan = self.plan
+        result = _Result(job.number, job.end - job.start, 0, PackStats())
+        shard = Path(plan.shard_dir) / f"{job.number:06d}"
+        sft = plan.kind == "sft"
+        ids: list[int] = []
+        mask: list[int] = []
+        texts: list[str] = []
+        lengths: list[int] = []
+        stats = result.stats
+        pending_chars = 0  # pretrain text waiting for encode_batch
+        with open(shard.with_suffix(".ids"), "wb") as ids_out, \
+                (open(shard.with_suffix(".mask"), "wb") if sft else open(os.devnull, "wb")) as mask_out:
+
+            def flush() -> None:
+                nonlocal pending_chars
+                self._encode_texts(texts, ids, stats)
+                texts.clear()
+                pending_chars = 0
+                np.array(ids, dtype=np.uint16).tofile(ids_out)
+                ids.clear()
+                np.array(mask, dtype=np.uint8).tofile(mask_out)
+                mask.clear()
+
+            for local, offset, row in self._items(job, result):
+                if isinstance(row, ValueError):
+                    result.bad.append((local, str(row)))
+                    if not plan.skip_bad:  # the parent will raise on it: stop early
+                        break
+                    continue
+                stats.documents += 1
+                if sft:
+                    lengths.append(self._add_conversation(row, offset, ids, mask, stats))
+                else:
+                    texts.append(row["text"])
+                    pending_chars += len(row["text"])
+                if pending_chars >= ENCODE_BATCH_CHARS or len(ids) >= FLUSH_TOKENS:
+                    flush()
+            flush()
+        if sft:
+            result.lengths = np.array(lengths, dtype=np.int64)
+        return result
+
+    def _encode_texts(self, texts: list[str], ids: list[int], stats: PackStats) -> None:
+        """Pretrain: each document as [bos] + ids + [eos], appended to the running stream."""
+        if not texts:
+            return
+        for enc in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False):
+            doc = enc.ids
+            ids.append(self.bos)
+            ids.extend(doc)
+            ids.append(self.eos)
+            stats.longest = max(stats.longest, len(doc) + 2)
+
+    def _add_conversation(self, row: dict, offset: int, ids: list[int], mask: list[int], stats: PackStats) -> int:
+        """SFT: one conversation (augmented as MiniMind does) as one row, truncated to seq_len; its length."""
+        plan = self.plan
+        messages, tools = row["messages"], row["tools"]
+        tokenizer: Any = self.tokenizer
+        if plan.system_prompt_prob > 0 or plan.keep_empty_think_prob < 1:
+            # Seeded by the line's byte offset: the same draw whatever the chunking or the worker count.
+            rng = random.Random(f"{plan.seed}:{offset}")
+            add_system, prompt, keep_think = rng.random(), rng.choice(SYSTEM_PROMPTS), rng.random()
+            if add_system < plan.system_prompt_prob and not tools and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": prompt}, *messages]
+            if keep_think >= plan.keep_empty_think_prob:
+                tokenizer = self.drop_think
+        row_ids, row_mask = encode_chat(tokenizer, messages, tools)
+        n = len(row_ids)
+        stats.longest = max(stats.longest, n)
+        if n > plan.seq_len:
+            stats.truncated += 1
+            stats.dropped_tokens += n - plan.seq_len
+            row_ids, row_mask = row_ids[: plan.seq_len], row_mask[: plan.seq_len]
+        kept_loss = sum(row_mask)
+        stats.loss_tokens += kept_loss
+        stats.no_loss_rows += kept_loss == 0
+        ids.extend(row_ids)
+        mask.extend(row_mask)
+        return len(row_ids)
+
+
+_WORKER: _Packer | None = None  # set in pool workers only, by _init_worker
+
+
+def _init_worker(plan: Plan) -> None:
+    global _WORKER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism; threads would oversubscribe
+    _WORKER = _Packer(plan)
+
+
+def _run_job(job: _Job) -> _Result:
+    assert _WORKER is not None
+    return _WORKER(job)
+
+
+# ---------------------------------------------------------------------------------------------- cache writing
+
+
+def _chunks(path: Path, size: int, chunk_bytes: int) -> list[_Job]:
+    """Byte ranges of about chunk_bytes, each ending just after a newline (or at the end of the file)."""
+    jobs, start = [], 0
+    with path.open("rb") as fh:
+        while start < size:
+            end = start + chunk_bytes
+            if end >= size:
+                end = size
+            else:
+                fh.seek(end - 1)
+                fh.readline()  # through the newline of the line holding byte end-1
+                end = fh.tell()
+            jobs.append(_Job(len(jobs), start, end))
+            start = end
+    return jobs
+
+
+def _results(plan: Plan, jobs: list[_Job], workers: int) -> Iterator[_Result]:
+    """Each job's result in file order: in this process for one worker, else from spawned processes (safe
+    with torch and threads) that build the tokenizer once each. A worker that dies (killed for memory, or a
+    script that starts packing again when imported) stops the packing with an error instead of a hang."""
+    if workers == 1:
+        yield from map(_Packer(plan), jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(plan,)) as pool:
+        futures = [pool.submit(_run_job, job) for job in jobs]
+        try:
+            for future in futures:
+                yield future.result()
+        except BrokenProcessPool:
+            raise MiniMindError(f"{plan.source}: a packing worker process died; if a script calls pack(), put "
+                                "the call under `if __name__ == '__main__':`, or pass workers=1") from None
+        finally:
+            for future in futures:  # on an error, start no more jobs (running ones finish)
+                future.cancel()
+
+
+def _add_stats(total: PackStats, part: PackStats) -> None:
+    for f in fields(PackStats):
+        a, b = getattr(total, f.name), getattr(part, f.name)
+        setattr(total, f.name, max(a, b) if f.name == "longest" else a + b)
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (a container's share, not the host's count, where the OS tells)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Delete temporary builds of `final` left by killed processes of this host (an OOM kill skips `finally`)."""
+    host = socket.gethostname()
+    for tmp in final.parent.glob(f".tmp-{final.name}-*"):
+        head, pid, _ = tmp.name.rsplit("-", 2)  # mkdtemp's random tail has no '-'
+        if head.endswith(f"-{host}") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def build(plan: Plan, identity: dict, key: str, final: Path, workers: int | None, chunk_bytes: int | None,
+          progress: bool) -> None:
+    """Pack into a temporary directory beside `final` and rename it into place: a crash leaves no directory
+    that looks like a finished cache (`identity` and `key` go into its meta.json)."""
+    started = time.perf_counter()
+    _remove_abandoned(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-", dir=final.parent))
+    try:
+        shards = tmp / "shards"
+        shards.mkdir()
+        plan = replace(plan, shard_dir=str(shards))
+        source = Path(plan.source)
+        size = identity["size"]
+        workers = max(1, workers or _cpus())
+        if plan.text:
+            jobs = [_Job(0, 0, size)]
+        else:
+            chunk = chunk_bytes or min(MAX_CHUNK_BYTES, max(1 << 20, -(-size // (workers * 4))))
+            jobs = _chunks(source, size, chunk)
+        workers = min(workers, len(jobs))
+        stats = PackStats(source_bytes=size)
+        bad_lines: list[str] = []
+        lengths: list[np.ndarray] = []
+        lines_before = 0
+        with open(tmp / "ids.bin", "wb") as ids_out, \
+                open(tmp / "mask.bin", "wb") as mask_out, \
+                tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"packing {source.name}",
+                     disable=not progress) as bar, closing(_results(plan, jobs, workers)) as results:
+            for result in results:
+                for local, problem in result.bad:
+                    bad = BadLine(str(source), lines_before + local, problem)
+                    if len(bad_lines) < KEPT_BAD_LINES:
+                        bad_lines.append(str(bad))
+                    if not plan.skip_bad:
+                        raise MiniMindError(f"{bad} {SKIP_HINT}")
+                    stats.skipped_bad += 1
+                lines_before += result.lines
+                shard = shards / f"{result.number:06d}"
+                for suffix, out in ((".ids", ids_out), (".mask", mask_out)):
+                    if shard.with_suffix(suffix).exists():
+                        with open(shard.with_suffix(suffix), "rb") as fh:
+                            shutil.copyfileobj(fh, out)
+                        shard.with_suffix(suffix).unlink()
+                _add_stats(stats, result.stats)
+                if result.lengths is not None:
+                    lengths.append(result.lengths)
+                bar.update(result.nbytes)
+            stored = ids_out.tell() // 2
+            if plan.kind == "pretrain":
+                stats.rows = stored // plan.seq_len
+                stats.tokens = stats.loss_tokens = stats.rows * plan.seq_len
+                stats.dropped_tokens = stored - stats.tokens
+                ids_out.truncate(stats.tokens * 2)
+                index = np.arange(stats.rows + 1, dtype=np.int64) * plan.seq_len
+            else:
+                index = np.concatenate([np.zeros(1, np.int64), *lengths]).cumsum()
+                stats.rows, stats.tokens = len(index) - 1, stored
+        st = source.stat()
+        if (st.st_size, st.st_mtime_ns) != (identity["size"], identity["mtime_ns"]):
+            raise MiniMindError(f"{source}: the file changed while it was being packed; pack it again")
+        if plan.kind == "pretrain":
+            (tmp / "mask.bin").unlink()
+        shards.rmdir()
+        np.save(tmp / "index.npy", index)
+        stats.seconds = round(time.perf_counter() - started, 3)
+        meta = {"format": FORMAT_VERSION, "kind": plan.kind, "seq_len": plan.seq_len, "stats": asdict(stats),
+                "bad_lines": bad_lines, "key": key, "identity": identity}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race with another process building the same cache
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""The OpenAI API's shapes for minimind.serve.api: request schemas and their validation, errors in OpenAI's
+shape, sampling settings from a request, the streaming parse of an assistant turn, and response pieces (SSE)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from minimind.chat import AssistantParser
+from minimind.generation import Completion, SamplingParams
+
+# ---- errors in OpenAI's shape ----------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The 400 for a request body that is not valid JSON or does not fit its schema (the first problem)."""
+    err = errors[0] if errors else {"msg": "invalid request", "loc": ()}
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON in the request body: {err.get('ctx', {}).get('error', err['msg'])}")
+    param = ".".join(loc) or None
+    message = f"{param}: {err['msg']}" if param else err["msg"]
+    if err.get("type") == "missing":
+        message = f"{param} is required"
+    return APIError(400, message, param=param, code="invalid_value")
+
+
+# ---- request schemas (unknown fields are allowed, as OpenAI clients send extras; known ones are typed) ----
+
+
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)  # extensions (vLLM's names)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=128)
+    ignore_eos: bool = False  # extension (vLLM's): generate max_tokens tokens whatever the model says
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = Field(None, ge=0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None  # MiniMind's clients send these at the top level
+    open_thinking: bool | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int]
+    echo: bool = False
+
+
+async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
+    """The request's JSON body validated against schema; a malformed or invalid body answers 400."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON in the request body: {e}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except Exception as e:  # pydantic.ValidationError
+        errors = getattr(e, "errors", lambda: [])()
+        raise RequestValidationError(errors) from None
+
+
+def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
+    """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases."""
+    kwargs = req.chat_template_kwargs or {}
+    thinking = bool(kwargs.get("enable_thinking", kwargs.get("open_thinking", False))
+                    or req.enable_thinking or req.open_thinking)
+    tools = req.tools or None
+    if tools is None or req.tool_choice == "none":
+        return thinking, None
+    if isinstance(req.tool_choice, dict):  # a named function: offer only that one
+        wanted = (req.tool_choice.get("function") or {}).get("name")
+        tools = [t for t in tools if (t.get("function") or t).get("name") == wanted] or tools
+    return thinking, tools
+
+
+def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int) -> Iterator[tuple[list[int], str]]:
+    """(token ids, text) of each prompt of a completions request (a string, strings, or token ids), each
+    checked as it is reached."""
+    prompts = req.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    for p in prompts:
+        ids = list(p) if isinstance(p, list) else tokenizer.encode(p, add_special_tokens=False)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+        yield ids, p if isinstance(p, str) else tokenizer.decode(ids)
+
+
+def repetition_penalty(req: SamplingRequest, default: float = 1.0) -> float:
+    """OpenAI's additive frequency/presence penalties have no exact equivalent in our sampler; map them to the
+    CTRL repetition penalty: 1 + (frequency_penalty + presence_penalty) / 2, kept in [0.5, 3]. An explicit
+    `repetition_penalty` wins; a request with neither gets `default`."""
+    if req.repetition_penalty is not None:
+        return req.repetition_penalty
+    if req.frequency_penalty is None and req.presence_penalty is None:
+        return default
+    extra = (req.frequency_penalty or 0.0) + (req.presence_penalty or 0.0)
+    return min(3.0, max(0.5, 1.0 + extra / 2))
+
+
+def sampling_params(req: SamplingRequest, prompt_len: int, max_tokens: int | None, context: int,
+                    defaults: dict, default_max_tokens: int | None = None) -> list[SamplingParams]:
+    """One SamplingParams per choice (n). Fields the request omits come from `defaults` (the model's
+    generation_config.json, as generation.sampling_defaults reads it), else OpenAI's defaults (temperature 1,
+    no top-k/top-p/min-p, no penalty). max_tokens None: default_max_tokens (the server's cap), else the model's
+    max_new_tokens, else the rest of the context; never more than the context leaves."""
+    if prompt_len >= context:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {context} tokens "
+                       f"(prompt plus completion)", param="messages", code="context_length_exceeded")
+    room = context - prompt_len
+    if max_tokens is None:
+        max_tokens = default_max_tokens or defaults.get("max_new_tokens")
+    max_new = room if max_tokens is None else min(max_tokens, room)
+
+    def pick(value: Any, key: str, fallback: float) -> Any:
+        return defaults.get(key, fallback) if value is None else value
+
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return [SamplingParams(max_new_tokens=max_new, temperature=pick(req.temperature, "temperature", 1.0),
+                               top_k=pick(req.top_k, "top_k", 0), top_p=pick(req.top_p, "top_p", 1.0),
+                               min_p=pick(req.min_p, "min_p", 0.0),
+                               repetition_penalty=repetition_penalty(req, defaults.get("repetition_penalty", 1.0)),
+                               stop=tuple(s for s in stop if s), seed=None if req.seed is None else req.seed + i)
+                for i in range(req.n)]
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+
+
+# ---- response pieces ------------------------------------------------------------------------------------
+
+
+def chat_message(parser: AssistantParser) -> dict:
+    """The whole assistant message of a non-streaming answer, from what the parser's deltas gathered."""
+    message = {"role": "assistant", "content": parser.message["content"]}
+    if parser.started["reasoning_content"]:
+        message["reasoning_content"] = parser.message["reasoning_content"]
+    if parser.message["tool_calls"]:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in parser.message["tool_calls"]]
+        message["content"] = message["content"] or None
+    return message
+
+
+def new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+def usage(results: list[Completion], prompt_tokens: int) -> dict:
+    completion = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event carrying data as JSON."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -9,7 +9,8 @@ from torch import nn
 
 from minimind.checkpoint import save_model
 from minimind.rl.rollout import Rollout
-from minimind.train.grpo import Batch, GRPOStage, aggregate, k3_kl
+from minimind.train.grpo import GRPOStage, aggregate, k3_kl
+from minimind.train.stage import Batch
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,

@@ -19,6 +19,7 @@ from minimind.checkpoint import load_model, save_model
 from minimind.data.formats import iter_rows
 from minimind.rl.rewards import Sample
 from minimind.train.config import TrainConfig
+from minimind.train.stage import Stage
 
 HEAD = "reward_head.safetensors"  # beside model.safetensors; the directory still loads as a causal LM
 
@@ -78,13 +79,10 @@ class PairSet:
         return self.pairs[i]
 
 
-class RewardStage:
+class RewardStage(Stage):
     """Bradley-Terry on preference pairs; the unit is a pair. Logs pair accuracy and the mean margin."""
 
     name = "reward"
-
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
 
     def setup(self, model: nn.Module, device: torch.device) -> None:
         model.reward_head = nn.Linear(model.config.hidden_size, 1).to(device)

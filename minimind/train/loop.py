@@ -1,5 +1,5 @@
-"""THE training loop, shared by every stage: a stage supplies its data, batches and loss; this file does the
-rest (devices, precision, DDP, accumulation, schedule, logging, evaluation, checkpoints, exact resume).
+"""THE training loop, shared by every stage: a stage (the contract: train/stage.py) supplies data, batches and loss;
+this file does the rest (devices, precision, DDP, accumulation, schedule, logging, eval, checkpoints, exact resume).
 `minimind train pretrain --config configs/tiny_pretrain.toml`, or under `torchrun --nproc_per_node N -m minimind`."""
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
     return finish(cfg, model, tokenizer, stage, loggers, d, say)
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig) -> tuple[MiniMindForCausalLM, Any]:
     if cfg.init_from:
         model = load_model(cfg.init_from)
         model.config.dropout = cfg.dropout
@@ -273,7 +273,8 @@ def build_model(cfg: TrainConfig):
     return model, tokenizer
 
 
-def build(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.device):
+def build(cfg: TrainConfig, stage_class: type[Stage], d: Dist,
+          device: torch.device) -> tuple[MiniMindForCausalLM, Any, Stage]:
     """The model on its device, its tokenizer, and the stage set up on it (before the optimizer exists)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -22,6 +22,7 @@ from minimind.logprobs import cross_entropy_sum
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.sft import SFTStage
+from minimind.train.stage import Dist
 
 # ---------------------------------------------------------------------------------------------- white-box
 
@@ -54,8 +55,8 @@ class DistillStage(SFTStage):
     """SFT data and batches; loss = (1 - kd_alpha) * CE + kd_alpha * T^2 * KL on the assistant tokens, summed
     (the loop divides by the target-token count)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
+        super().__init__(cfg, tokenizer, dist)
         if not cfg.teacher:
             raise MiniMindError("distill needs a teacher: set teacher = \"runs/<name>/model\" or pass --teacher DIR")
         if not 0 <= cfg.kd_alpha <= 1:

@@ -22,9 +22,9 @@ except ImportError:  # pragma: no cover
     import httpx
 
 from minimind.chat import encode_chat, parse_assistant, render
+from minimind.commands.serve import free_port
 from minimind.generation import SamplingParams, generate
 from minimind.serve.api import StreamParser, _get, create_app
-from minimind.serve.commands import free_port
 from minimind.serve.scheduler import Scheduler
 from minimind.tools import CALCULATOR_TOOL
 

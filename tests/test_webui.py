@@ -12,7 +12,7 @@ import time
 import pytest
 from test_serve import API_KEY, HELLO_ANSWER, ROOT, build_chat_model, start_server
 
-from minimind.serve.commands import WEBUI, free_port
+from minimind.commands.serve import WEBUI, free_port
 
 try:
     import httpx2 as httpx

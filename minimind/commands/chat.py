@@ -40,9 +40,9 @@ MAX_TOOL_ROUNDS = 5  # tool calls answered per user message before the chat give
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from minimind.chat import encode_chat, parse_assistant
+    from minimind.chat import AssistantParser, encode_chat
     from minimind.generation import Completion, stream
-    from minimind.tools import run_tool, tool_schemas
+    from minimind.tools import ToolLoop, tool_schemas
 
     model, tokenizer = load_model_from(args)
     params = sampling_from(args)
@@ -68,29 +68,37 @@ def cmd_chat(args: argparse.Namespace) -> None:
             turn[:] = turn[2:]
             ids, _ = encode_chat(tokenizer, system + turn, tools=tools, add_generation_prompt=True,
                                  enable_thinking=args.think)
-        result, text, thinking = Completion(), "", args.think
-        if thinking:
-            sys.stdout.write(dim)
+        result, parser = Completion(), AssistantParser(args.think, parse_tools=bool(tools))
+        shown = ""  # which part is on the screen: reasoning (dimmed) or content
+
+        def show(deltas: list[dict]) -> None:
+            nonlocal shown
+            for delta in deltas:
+                for key, text in delta.items():
+                    if key == "tool_calls":
+                        continue  # the tool loop prints each call with its result
+                    if key != shown:
+                        sys.stdout.write(dim if key == "reasoning_content" else reset + "\n" * bool(shown))
+                        shown = key
+                    sys.stdout.write(text)
+            sys.stdout.flush()
+
         start = time.perf_counter()
         try:
             for piece in stream(model, tokenizer, ids, params, result):
-                text += piece
-                if thinking and "</think>" in piece:
-                    before, after = piece.split("</think>", 1)
-                    sys.stdout.write(before + reset + after.lstrip("\n"))
-                    thinking = False
-                else:
-                    sys.stdout.write(piece)
-                sys.stdout.flush()
+                show(parser.feed(piece))
         except KeyboardInterrupt:
             sys.stdout.write(reset + " [stopped]")
         except ValueError as e:  # a message too long for the context: say so and keep the session
             sys.stdout.write(f"{reset}[error: {e}]\n")
             return None
+        show(parser.finish())
         seconds = time.perf_counter() - start
         n = len(result.token_ids)
         sys.stdout.write(f"{reset}\n{dim}[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]{reset}\n")
-        return parse_assistant(("<think>\n" if args.think else "") + text)
+        message = {"role": "assistant", "content": parser.message["content"]}
+        message.update({k: parser.message[k] for k in ("reasoning_content", "tool_calls") if parser.message[k]})
+        return message
 
     history: list[dict] = []
     while True:
@@ -108,22 +116,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print("(conversation cleared)")
             continue
         turn = history + [{"role": "user", "content": line}]
-        for _ in range(MAX_TOOL_ROUNDS + 1):
-            message = reply(turn)
-            if message is None:
+        loop = ToolLoop(MAX_TOOL_ROUNDS)  # the tools are our own parsers: the model's text is data, never code
+        while (message := reply(turn)) is not None:
+            turn.append(message)
+            results = loop.step(message) if tools else None
+            if results is None:
+                if tools and not loop.finished:
+                    print(f"{dim}[stopped after {MAX_TOOL_ROUNDS} rounds of tool calls]{reset}")
                 break
-            turn.append({"role": "assistant", "content": message["content"],
-                         **{k: message[k] for k in ("reasoning_content", "tool_calls") if message[k]}})
-            if not tools or not message["tool_calls"]:
-                break
-            # The tools are our own parsers (minimind.tools): the model's text is data, never code.
-            for call in message["tool_calls"]:
+            for call, result in zip(message["tool_calls"], results):
                 fn = call["function"]
-                output = run_tool(fn["name"], fn["arguments"])
-                print(f"{dim}[tool] {fn['name']}({fn['arguments']}) -> {output}{reset}")
-                turn.append({"role": "tool", "content": output})
-        else:
-            print(f"{dim}[stopped after {MAX_TOOL_ROUNDS} rounds of tool calls]{reset}")
+                print(f"{dim}[tool] {fn['name']}({fn['arguments']}) -> {result['content']}{reset}")
+            turn += results
         if not args.no_history and message is not None:
             history = turn
 

@@ -23,7 +23,7 @@ try:  # the openai SDK of this pin ships its HTTP client as httpx2
 except ImportError:  # pragma: no cover
     import httpx
 
-from minimind.serve.commands import free_port
+from minimind.commands.serve import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

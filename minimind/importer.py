@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -171,41 +170,3 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
     if len(tok) > cfg.vocab_size:
         raise MiniMindError(f"{source}: the tokenizer has {len(tok)} tokens but the weights only {cfg.vocab_size}")
     return save_model(model, out, tok, dtype=dtype)
-
-
-# ---- CLI -------------------------------------------------------------------------------------------------
-
-
-def cmd_import(args: argparse.Namespace) -> None:
-    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS}
-    if args.use_moe is not None:
-        overrides["use_moe"] = bool(args.use_moe)
-    out = import_model(args.src, args.out, tokenizer=args.tokenizer, preset=args.preset, dtype=args.dtype,
-                       **overrides)
-    cfg = ModelConfig.load(out)
-    print(f"imported {args.src} -> {out}: {cfg.model_type}, {cfg.num_parameters():,} parameters "
-          f"(d={cfg.hidden_size}, {cfg.num_hidden_layers} layers" + (f", {cfg.num_experts} experts" if cfg.use_moe
-                                                                     else "") + ")")
-
-
-def add_import_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="import a transformers directory or a MiniMind .pth into a model directory",
-                       description="SRC is a transformers model directory (qwen3, qwen3_moe, llama, or MiniMind's "
-                       "model_type=minimind export; e.g. a download of jingyaogong/minimind-3) or MiniMind's "
-                       "native state dict (full_sft_768.pth). For a .pth the shapes come from --preset, then "
-                       "from the weights, then from the flags below.")
-    p.add_argument("src", help="transformers model directory or .pth file")
-    p.add_argument("--out", required=True, help="output model directory (written atomically)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (required when SRC has no tokenizer.json)")
-    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="convert the weights (default: as stored)")
-    p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help=".pth only: base config (default: minimind-3, or minimind2/-small without q/k-norm)")
-    for name in CONFIG_FLAGS:
-        if name == "use_moe":
-            p.add_argument("--use-moe", "--use_moe", dest="use_moe", type=int, choices=[0, 1], default=None,
-                           help=".pth only: 1 = MoE (default: detected from the weights)")
-            continue
-        kind = float if name in ("rope_theta", "rms_norm_eps") else int
-        p.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, type=kind, default=None,
-                       help=f".pth only: {name}")
-    p.set_defaults(func=cmd_import)

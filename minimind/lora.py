@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -309,24 +308,3 @@ def merge_to_directory(model_dir: str | Path, lora_dir: str | Path, out_dir: str
     except (MiniMindError, OSError, ValueError):
         tokenizer = None
     return save_model(model, out_dir, tokenizer, dtype=dtype)
-
-
-def cmd_lora_merge(args: argparse.Namespace) -> None:
-    out = merge_to_directory(args.model, args.lora, args.out, None if args.dtype == "auto" else args.dtype)
-    print(f"merged {args.lora} into {args.model} -> {out}")
-
-
-def add_lora_parser(sub) -> None:
-    """`minimind lora merge --model DIR --lora DIR --out DIR [--dtype D]`."""
-    lora = sub.add_parser("lora", help="LoRA adapters: merge one into its base model").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    p = lora.add_parser("merge", help="fold an adapter into its base and write a full model directory",
-                        description="Writes a model directory (transformers layout, tokenizer included) whose "
-                                    "logits equal the base model with the adapter applied.")
-    p.add_argument("--model", required=True, help="base model directory")
-    p.add_argument("--lora", required=True, help="adapter directory (adapter_config.json, "
-                                                 "adapter_model.safetensors), e.g. runs/lora/adapter")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype of the output (auto: the base model's)")
-    p.set_defaults(func=cmd_lora_merge)

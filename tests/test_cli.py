@@ -169,3 +169,78 @@ def test_train_lora_then_generate_with_it_equals_the_merged_model(sft_model_dir,
     assert losses[-1] < losses[0] - 0.5
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     assert (load_model(tmp_path / "merged")(ids).logits - load_model(model_dir)(ids).logits).abs().max() > 0.1
+
+
+def test_generation_config_is_the_default_and_flags_override_it(tokenizer, tmp_path, capsys):
+    """A model whose generation_config.json says greedy decodes greedily with no sampling flags (the same text
+    every run, equal to in-process greedy decoding); --temperature overrides it."""
+    from minimind.chat import encode_chat
+    from minimind.generation import SamplingParams, generate
+    from minimind.inference import sampling_params
+
+    d = tmp_path / "greedy"
+    save_model(small_model("qwen3", vocab_size=len(tokenizer)), d, tokenizer,
+               generation={"do_sample": False, "max_new_tokens": 10})
+    assert sampling_params(d) == SamplingParams(temperature=0.0, top_p=0.85, top_k=50, max_new_tokens=10)
+    assert sampling_params(d, temperature=0.5, top_k=None).temperature == 0.5  # None: the model's value stays
+
+    def cli_generate(*flags: str) -> str:
+        assert cli.main(["generate", "--model", str(d), "--prompt", "The king", "--dtype", "float32", *flags]) == 0
+        return capsys.readouterr().out
+
+    ids, _ = encode_chat(tokenizer, [{"role": "user", "content": "The king"}], add_generation_prompt=True)
+    greedy = generate(load_model(d), tokenizer, [ids], SamplingParams(max_new_tokens=10, temperature=0))[0].text
+    assert cli_generate() == cli_generate() == greedy + "\n"
+    sampled = {cli_generate("--temperature", "1", "--top-k", "0", "--top-p", "1", "--seed", str(s)) for s in range(3)}
+    assert sampled != {greedy + "\n"}  # a random model sampled at temperature 1: not the greedy text every time
+    assert cli_generate("--max-new-tokens", "3") == \
+        generate(load_model(d), tokenizer, [ids], SamplingParams(max_new_tokens=3, temperature=0))[0].text + "\n"
+    assert "generation_config.json" in run("generate", "--help").stdout
+
+
+def test_eval_with_lora_and_quantize(sft_model_dir, tmp_path):
+    """`eval --lora --quantize int8` scores the model with the adapter folded in, then quantised: the same
+    figure as scoring that model in-process, and another than the base model's."""
+    from test_lora import with_random_adapter
+
+    from minimind.eval.perplexity import score_texts
+    from minimind.inference import load_for_inference
+    from minimind.lora import save_adapter
+
+    model = load_model(sft_model_dir, dtype=torch.float32)
+    with_random_adapter(model)
+    adapter = save_adapter(model, tmp_path / "adapter", base_model_dir=sft_model_dir)
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in CORPUS))
+    args = ["eval", "--model", str(sft_model_dir), "--task", "ppl", "--data", str(text), "--dtype", "float32"]
+    assert cli.main([*args, "--lora", str(adapter), "--quantize", "int8", "--out", str(tmp_path / "q.json")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "base.json")]) == 0
+    record = json.loads((tmp_path / "q.json").read_text())
+    assert record["lora"] == str(adapter) and record["quantize"] == "int8"
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert abs(record["metrics"]["loss"] - base["metrics"]["loss"]) > 1e-3
+    m, tok = load_for_inference(sft_model_dir, lora=adapter, dtype="float32", quantize="int8")
+    assert record["metrics"]["loss"] == pytest.approx(score_texts(m, tok, CORPUS, seq_len=512, batch_size=16).loss,
+                                                      rel=1e-4)
+
+
+def test_train_takes_dashed_and_underscored_flags(model_dir, tmp_path):
+    """--init-from and --init_from set the same setting; --no-progress and --progress false turn the bar off;
+    `train --help` lists the dashed spelling."""
+    from minimind.train.config import load_config
+
+    dashed = load_config(None, ["--init-from", "m", "--seq-len", "64", "--no-progress", "--out=runs/a-b"])
+    underscored = load_config(None, ["--init_from", "m", "--seq_len", "64", "--progress", "false", "--out", "runs/a-b"])
+    assert dashed == underscored and dashed.init_from == "m" and not dashed.progress and dashed.out == "runs/a-b"
+    assert load_config(None, ["--no-progress", "--progress"]).progress
+    help_text = " ".join(run("train", "--help").stdout.split())
+    assert "--init-from" in help_text and "--no-progress" in help_text and "--init_from" in help_text
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS * 4))
+    for n, init in enumerate(("--init-from", "--init_from")):
+        out = tmp_path / f"run{n}"
+        assert cli.main(["train", "pretrain", "--data", str(data), init, str(model_dir), "--out", str(out),
+                         "--steps", "2", "--seq-len", "64", "--batch-size", "2", "--no-progress", "--workers", "1",
+                         "--dtype", "float32"]) == 0
+        settings = (out / "config.toml").read_text()
+        assert f'init_from = "{model_dir}"' in settings and "progress = false" in settings

@@ -11,13 +11,14 @@ from conftest import SMALL
 
 from minimind import MiniMindError
 from minimind.checkpoint import load_model, save_model
+from minimind.commands.data import add_distill_parser
 from minimind.config import ModelConfig
 from minimind.data.formats import iter_rows, parse_row
 from minimind.model import MiniMindForCausalLM
 from minimind.recipes.distill import heldout_kl
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
-from minimind.train.distill import DistillStage, add_distill_parser, distill_file, kd_kl
+from minimind.train.distill import DistillStage, distill_file, kd_kl
 from minimind.train.loop import train
 
 
@@ -109,7 +110,8 @@ def test_black_box_distillation_writes_valid_sft_rows(sft_model_dir, demo_data, 
     parser = argparse.ArgumentParser()
     add_distill_parser(parser.add_subparsers(dest="action"))
     args = parser.parse_args(["distill", "--teacher", str(sft_model_dir), "--prompts", str(demo_data["rl"]),
-                              "--out", str(tmp_path / "cut.jsonl"), "--limit", "3", "--max-new-tokens", "2"])
+                              "--out", str(tmp_path / "cut.jsonl"), "--limit", "3", "--max-new-tokens", "2",
+                              "--temperature", "0"])
     args.func(args)
     assert (tmp_path / "cut.jsonl").read_text() == ""
     with pytest.raises(MiniMindError, match="no such file"):

@@ -11,11 +11,11 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 
 from minimind import MiniMindError
+from minimind.commands.data import add_download_parser
 from minimind.data.download import (
     HF_REPO,
     MS_REPO,
     REGISTRY,
-    add_download_parser,
     download,
     format_list,
     http_download,

@@ -13,8 +13,8 @@ from conftest import small_model
 from minimind import MiniMindError
 from minimind.chat import encode_chat
 from minimind.checkpoint import save_model
+from minimind.commands.eval import add_parser as add_eval_parser
 from minimind.data.tasks import extract_answer, make_tasks
-from minimind.eval.commands import add_eval_parser
 from minimind.eval.exact_match import evaluate_exact, read_qa
 from minimind.eval.multiple_choice import evaluate_mc, loglikelihoods, read_mc, requests_for, shots_for
 from minimind.eval.perplexity import score_texts

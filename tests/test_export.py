@@ -15,7 +15,7 @@ from conftest import small_model
 from minimind import MiniMindError
 from minimind.chat import CHAT_TEMPLATE, TOOLS_INTRO, TOOLS_OUTRO
 from minimind.checkpoint import save_model
-from minimind.export.commands import add_export_parser
+from minimind.commands.export import add_parser as add_export_parser
 from minimind.export.gguf import export_gguf, pre_tokenizer_name, read_gguf
 from minimind.export.ollama import STOP_TOKENS, export_ollama, parse_modelfile
 

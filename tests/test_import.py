@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from minimind import MiniMindError
 from minimind.checkpoint import load_model
-from minimind.importer import add_import_parser, import_model
+from minimind.commands.export import add_import_parser
+from minimind.importer import import_model
 from minimind.tokenizer import load_tokenizer, save_tokenizer
 
 

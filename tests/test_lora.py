@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from minimind import MiniMindError
 from minimind.checkpoint import load_model, save_model
+from minimind.commands.lora import add_parser as add_lora_parser
 from minimind.lora import (
     LoRALinear,
-    add_lora_parser,
     freeze_base,
     inject_lora,
     load_adapter,

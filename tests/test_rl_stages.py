@@ -13,6 +13,7 @@ from minimind.data.tasks import make_dpo_pairs, make_tasks, prompt_row
 from minimind.rl.rewards import Sample, score
 from minimind.train.agent import AgentStage
 from minimind.train.config import TrainConfig
+from minimind.train.grpo import GRPOStage
 from minimind.train.loop import train
 from minimind.train.ppo import PPOStage
 from minimind.train.reward import RewardModel, RewardStage
@@ -81,3 +82,31 @@ def test_reward_model_learns_pairs_and_scores_rl_samples(start, tokenizer):
     good, bad = (Sample(text=side[-1]["content"], row=row) for side in (pair["chosen"], pair["rejected"]))
     totals, parts = score([good, bad], {"rm": 1.0}, rm)
     assert totals[0] > totals[1] and parts["rm"] == totals
+
+
+@pytest.mark.parametrize("stage", [GRPOStage, PPOStage])
+def test_rl_run_resumed_from_a_checkpoint_draws_the_rollouts_of_an_uninterrupted_run(start, stage):
+    """The rollout counter (it seeds the sampler), the rollouts cached for update_epochs 2 and PPO's value head
+    travel in the checkpoint: resumed after step 1 (cached rollouts still to reuse) or step 2 (a fresh round
+    next), a run samples, scores and steps exactly as the uninterrupted one."""
+    import shutil
+
+    d, init = start
+    whole = d / f"{stage.name}_whole"
+    cfg = dict(stage=stage.name, num_generations=2, update_epochs=2, steps=4, save_every=1, keep_last=4,
+               kl_coef=0.02, rewards="repetition:1,length:1,format:1")
+    train(common(d, init, whole.name, **cfg), stage)
+
+    def records(run, name, after):  # a run's records past a step, less the wall-clock figures
+        rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows if r["step"] > after]
+
+    for resume_at in (1, 2):
+        run = d / f"{stage.name}_resumed_{resume_at}"
+        shutil.copytree(whole / "checkpoints", run / "checkpoints")
+        (run / "checkpoints" / "latest").write_text(f"step_{resume_at}\n")
+        train(common(d, init, run.name, resume=True, **cfg), stage)
+        assert records(run, "metrics.jsonl", resume_at) == records(whole, "metrics.jsonl", resume_at)
+        # Both resume points draw the second round of rollouts next (rollouts.jsonl counts rounds, not steps).
+        assert records(run, "rollouts.jsonl", 1) == records(whole, "rollouts.jsonl", 1)
+        assert len(records(run, "rollouts.jsonl", 0)) == 2 * (2 if stage is GRPOStage else 1)

@@ -22,9 +22,9 @@ except ImportError:  # pragma: no cover
     import httpx
 
 from minimind.chat import AssistantParser, encode_chat, parse_assistant, render
+from minimind.commands.serve import free_port
 from minimind.generation import SamplingParams, generate, sampling_defaults
 from minimind.serve.api import _get, create_app
-from minimind.serve.commands import free_port
 from minimind.serve.scheduler import Scheduler
 from minimind.serve.schemas import new_id
 from minimind.tools import CALCULATOR_TOOL

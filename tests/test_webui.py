@@ -12,7 +12,7 @@ import time
 import pytest
 from test_serve import API_KEY, HELLO_ANSWER, ROOT, build_chat_model, start_server
 
-from minimind.serve.commands import WEBUI, free_port
+from minimind.commands.serve import WEBUI, free_port
 
 try:
     import httpx2 as httpx
@@ -144,3 +144,18 @@ def last_reply(driver) -> str:
 
     msgs = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")
     return msgs[-1].text if msgs else ""
+
+
+def test_initial_settings_come_from_the_model_card_unless_the_page_flags_say_otherwise():
+    """No browser needed: the sliders start at the model's sampling defaults (its generation_config.json, which
+    the API puts on its card); a flag given to the page wins; with neither, SamplingParams' own values."""
+    from minimind.generation import SamplingParams
+    from minimind.serve.webui import initial_settings, page_args
+
+    card = {"id": "m", "sampling_defaults": {"temperature": 0.3, "top_p": 0.6, "top_k": 50, "max_new_tokens": 99}}
+    assert initial_settings(page_args([]), card) == {"temperature": 0.3, "top_p": 0.6, "max_tokens": 99}
+    flags = page_args(["--temperature", "0", "--max-tokens", "60"])
+    assert initial_settings(flags, card) == {"temperature": 0.0, "top_p": 0.6, "max_tokens": 60}
+    plain = SamplingParams()
+    assert initial_settings(page_args([]), {"id": "unreachable", "error": "x"}) == \
+        {"temperature": plain.temperature, "top_p": plain.top_p, "max_tokens": plain.max_new_tokens}

@@ -3,7 +3,6 @@ ModelScope (plain HTTP, resumable), with size and sha256 checks. `minimind data 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -218,34 +217,3 @@ def download(name: str, out_dir: str | Path, source: str = "hf", endpoint: str |
         url = modelscope_url(entry.filename, revision=revision or "master", endpoint=endpoint)
         return http_download(url, dest, sha256=sha256, progress=progress)
     raise MiniMindError(f"unknown source {source!r}; choose {' or '.join(SOURCES)}")
-
-
-def cmd_download(args: argparse.Namespace) -> None:
-    import sys
-
-    if args.list or not args.names:
-        print(format_list())
-        return
-    if args.sha256 and len(args.names) > 1:
-        raise MiniMindError("--sha256 checks one file; give one name with it")
-    for name in args.names:
-        path = download(name, args.out, source=args.source, endpoint=args.endpoint, revision=args.revision,
-                        progress=sys.stderr.isatty() and not args.quiet, sha256=args.sha256)
-        print(f"{path}: {path.stat().st_size:,} bytes, checked")
-
-
-def add_download_parser(data_sub: argparse._SubParsersAction) -> None:
-    p = data_sub.add_parser("download", help="download MiniMind's published datasets (--list shows them)",
-                            description="Download MiniMind's dataset files from the Hugging Face Hub "
-                            f"({HF_REPO}; set HF_ENDPOINT for a mirror) or ModelScope ({MS_REPO}). "
-                            "Interrupted downloads resume; every file is checked for size and sha256.")
-    p.add_argument("names", nargs="*", help="dataset names (e.g. sft_t2t_mini dpo) or file names")
-    p.add_argument("--list", action="store_true", help="list the published files and exit")
-    p.add_argument("--out", default="data", help="output directory")
-    p.add_argument("--source", default="hf", choices=SOURCES, help="where to download from")
-    p.add_argument("--endpoint", default=None, help="server URL (default: $HF_ENDPOINT or huggingface.co for hf; "
-                   "$MODELSCOPE_ENDPOINT or www.modelscope.cn for modelscope)")
-    p.add_argument("--revision", default=None, help="branch or commit (default: main on hf, master on modelscope)")
-    p.add_argument("--sha256", default=None, help="expected sha256 of the file (one name only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_download)

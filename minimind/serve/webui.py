@@ -10,9 +10,11 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import streamlit as st
 
+from minimind.generation import SamplingParams
 from minimind.tools import TOOLS, ToolLoop, tool_schemas
 
 MAX_TOOL_ROUNDS = 4  # model -> tool -> model ... at most this many calls per question
@@ -21,10 +23,20 @@ MAX_TOOL_ROUNDS = 4  # model -> tool -> model ... at most this many calls per qu
 def page_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="webui.py")
     p.add_argument("--api", default="http://127.0.0.1:8998/v1", help="the API's base URL (ending in /v1)")
-    p.add_argument("--temperature", type=float, default=0.7, help="initial temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float, default=0.9, help="initial top_p")
-    p.add_argument("--max-tokens", type=int, default=512, help="initial max_tokens")
+    model = " (default: the model's generation_config.json, from the API's model card)"
+    p.add_argument("--temperature", type=float, default=None, help="initial temperature, 0 = greedy" + model)
+    p.add_argument("--top-p", type=float, default=None, help="initial top_p" + model)
+    p.add_argument("--max-tokens", type=int, default=None, help="initial max_tokens" + model)
     return p.parse_known_args(argv)[0]
+
+
+def initial_settings(args: argparse.Namespace, card: dict) -> dict:
+    """The sliders' starting values: the page's own flag when given, else the model's sampling defaults from its
+    card in /v1/models, else SamplingParams' own (what the API samples with when a request leaves them out)."""
+    model = {**asdict(SamplingParams()), **(card.get("sampling_defaults") or {})}
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
+    defaults = {"temperature": model["temperature"], "top_p": model["top_p"], "max_tokens": model["max_new_tokens"]}
+    return {key: defaults[key] if flag is None else flag for key, flag in flags.items()}
 
 
 @st.cache_resource
@@ -113,9 +125,10 @@ def main() -> None:
             st.error(f"API at {args.api} unreachable: {card['error']}")
         thinking = st.toggle("Thinking", value=False, help="let the model think first (enable_thinking)")
         chosen = st.multiselect("Tools", list(TOOLS), default=[], help="functions the model may call")
-        temperature = st.slider("Temperature", 0.0, 2.0, args.temperature, 0.05)
-        top_p = st.slider("Top-p", 0.05, 1.0, args.top_p, 0.05)
-        max_tokens = st.number_input("Max tokens", 1, 8192, args.max_tokens, 16)
+        start = initial_settings(args, card)
+        temperature = st.slider("Temperature", 0.0, 2.0, float(start["temperature"]), 0.05)
+        top_p = st.slider("Top-p", 0.05, 1.0, float(start["top_p"]), 0.05)
+        max_tokens = st.number_input("Max tokens", 1, 8192, int(start["max_tokens"]), 16)
         if st.button("Clear history"):
             st.session_state.messages = []
     st.title("MiniMind chat")

@@ -9,6 +9,7 @@ from minimind.generation import SamplingParams
 from minimind.rl.rollout import Rollout, sample_with_tools
 from minimind.tools import tool_schemas
 from minimind.train.grpo import GRPOStage
+from minimind.train.stage import Dist
 
 
 class AgentStage(GRPOStage):
@@ -19,8 +20,8 @@ class AgentStage(GRPOStage):
 
     name = "agent"
 
-    def __init__(self, cfg, tokenizer) -> None:
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg, tokenizer, dist: Dist | None = None) -> None:
+        super().__init__(cfg, tokenizer, dist)
         if cfg.max_turns < 1:
             raise MiniMindError("max_turns must be at least 1")
         self.weights.setdefault("tool_correct", 0.0)  # logged, not rewarded unless weighted

@@ -142,7 +142,8 @@ def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> TrainConfig:
     """Settings from a TOML file (flat keys, or grouped in tables whose names are ignored), then
-    `--key value` overrides (dashes or underscores), then `fixed`. Unknown keys are errors."""
+    `--key value` overrides (dashes or underscores; `--flag` / `--no-flag` for booleans), then `fixed`.
+    Unknown keys are errors."""
     hints = typing.get_type_hints(TrainConfig)
     values: dict[str, Any] = {}
     if path:
@@ -168,15 +169,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         flag = args.pop(0)
         if not flag.startswith("--"):
             raise MiniMindError(f"expected --key value, got {flag!r}")
-        key = flag[2:].replace("-", "_")
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif args and not args[0].startswith("--"):
-            value = args.pop(0)
-        elif key in hints and hints[key] is bool:
-            value = "true"
-        else:
-            raise MiniMindError(f"--{key} needs a value")
+        key, eq, value = flag[2:].partition("=")  # dashes become underscores in the name, not in the value
+        key = key.replace("-", "_")
+        if not eq:
+            if key.startswith("no_") and hints.get(key[3:]) is bool:  # --no-progress, --no-compile
+                key, value = key[3:], "false"
+            elif args and not args[0].startswith("--"):
+                value = args.pop(0)
+            elif key in hints and hints[key] is bool:
+                value = "true"
+            else:
+                raise MiniMindError(f"--{key} needs a value")
         if key not in hints:
             close = [k for k in hints if k.startswith(key[:3])]
             raise MiniMindError(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))

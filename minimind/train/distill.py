@@ -4,9 +4,7 @@ prompts into an SFT file: `minimind data distill --teacher DIR --prompts rl.json
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from minimind.logprobs import cross_entropy_sum
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.sft import SFTStage
+from minimind.train.stage import Dist
 
 # ---------------------------------------------------------------------------------------------- white-box
 
@@ -54,8 +53,8 @@ class DistillStage(SFTStage):
     """SFT data and batches; loss = (1 - kd_alpha) * CE + kd_alpha * T^2 * KL on the assistant tokens, summed
     (the loop divides by the target-token count)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
-        super().__init__(cfg, tokenizer)
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
+        super().__init__(cfg, tokenizer, dist)
         if not cfg.teacher:
             raise MiniMindError("distill needs a teacher: set teacher = \"runs/<name>/model\" or pass --teacher DIR")
         if not 0 <= cfg.kd_alpha <= 1:
@@ -101,7 +100,7 @@ class DistillStage(SFTStage):
 
 
 def distill_file(teacher_dir: str | Path, prompts_path: str | Path, out_path: str | Path, *, batch_size: int = 16,
-                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  enable_thinking: bool = False, keep_truncated: bool = False, limit: int = 0, device: str = "auto",
                  dtype: str = "auto", skip_bad: bool = False, progress: bool = True) -> dict[str, int]:
     """Generate the teacher's answers to RL-format prompts (conversations ending with a user turn), batched,
@@ -135,7 +134,8 @@ def distill_file(teacher_dir: str | Path, prompts_path: str | Path, out_path: st
             prompts.append((i, ids))
     prompts.sort(key=lambda p: len(p[1]))  # similar lengths together: less left padding per batch
     answers: dict[int, dict] = {}
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed)
     for lo in tqdm(range(0, len(prompts), batch_size), desc="teacher answers", unit="batch", disable=not progress):
         chunk = prompts[lo:lo + batch_size]
         for (i, _), done in zip(chunk, generate(model, tokenizer, [ids for _, ids in chunk], params)):
@@ -163,39 +163,3 @@ def distill_file(teacher_dir: str | Path, prompts_path: str | Path, out_path: st
             f.write(json.dumps(answers[i], ensure_ascii=False) + "\n")
     counts["written"] = len(answers)
     return counts
-
-
-def cmd_distill(args: argparse.Namespace) -> None:
-    counts = distill_file(args.teacher, args.prompts, args.out, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, enable_thinking=args.think, keep_truncated=args.keep_truncated,
-                          limit=args.limit, device=args.device, dtype=args.dtype, skip_bad=args.skip_bad,
-                          progress=sys.stderr.isatty())
-    dropped = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items()
-                        if k not in ("prompts", "written") and v)
-    print(f"wrote {counts['written']:,} of {counts['prompts']:,} teacher answers to {args.out}"
-          + (f" (dropped: {dropped})" if dropped else ""))
-
-
-def add_distill_parser(data: argparse._SubParsersAction) -> None:
-    """`minimind data distill`: black-box distillation data (the teacher's answers as an SFT file)."""
-    p = data.add_parser("distill", help="generate a teacher model's answers to prompts as an SFT file",
-                        description="Black-box distillation: the teacher answers each prompt (RL format: a "
-                        "conversation ending with a user turn); the answers are written as SFT rows to train "
-                        "a student with `minimind train sft`.")
-    p.add_argument("--teacher", required=True, help="teacher model directory (with its tokenizer)")
-    p.add_argument("--prompts", required=True, help="prompts .jsonl (conversations ending with a user turn)")
-    p.add_argument("--out", required=True, help="output SFT .jsonl (written atomically)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer; longer ones are dropped")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the teacher's most likely answer)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when temperature > 0 (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--think", action="store_true", help="let the teacher think first; keeps its reasoning_content")
-    p.add_argument("--keep-truncated", action="store_true", help="keep answers cut off by --max-new-tokens")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad prompt lines instead of failing")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="teacher weights dtype")
-    p.set_defaults(func=cmd_distill)

@@ -4,7 +4,6 @@ relative to a frozen reference model. `minimind train dpo --config configs/dpo.t
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,7 @@ from minimind.checkpoint import load_model
 from minimind.data.preferences import Pair, PairDataset, collate_pairs, read_pairs
 from minimind.logprobs import response_logps
 from minimind.train.config import TrainConfig
+from minimind.train.stage import Dist, Stage
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -33,19 +33,19 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, extras
 
 
-class DPOStage:
+class DPOStage(Stage):
     """Batches of (chosen, rejected) pairs; the unit the loop averages over is a pair."""
 
     kind = "dpo"
 
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
         if cfg.dpo_beta <= 0:
             raise MiniMindError(f"dpo_beta must be > 0, got {cfg.dpo_beta}")
         if not 0 <= cfg.dpo_label_smoothing < 0.5:
             raise MiniMindError(f"dpo_label_smoothing must be in [0, 0.5), got {cfg.dpo_label_smoothing}")
         if cfg.dpo_nll_weight < 0:
             raise MiniMindError(f"dpo_nll_weight must be >= 0, got {cfg.dpo_nll_weight}")
-        self.cfg, self.tokenizer = cfg, tokenizer
+        super().__init__(cfg, tokenizer, dist)
         self.ref: torch.nn.Module | None = None
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
@@ -63,16 +63,15 @@ class DPOStage:
 
     def dataset(self, path: str) -> PairDataset:
         data = read_pairs(path, self.tokenizer, self.cfg.seq_len, self.cfg.skip_bad)
-        if data.dropped and int(os.environ.get("RANK", "0")) == 0:
-            print(f"{path}: {data.dropped:,} of {data.stats.documents:,} pairs have no response token within "
-                  f"seq_len {self.cfg.seq_len}; training skips them", flush=True)
+        if data.dropped:
+            self.say(f"{path}: {data.dropped:,} of {data.stats.documents:,} pairs have no response token within "
+                     f"seq_len {self.cfg.seq_len}; training skips them")
         return data
 
     def collate(self, rows: list[Pair]) -> dict[str, torch.Tensor]:
         return collate_pairs(rows, self.tokenizer.pad_token_id or 0)
 
-    @staticmethod
-    def count(batch: dict[str, torch.Tensor]) -> int:
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
         return batch["input_ids"].shape[0] // 2
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,9 +25,7 @@ from minimind.logprobs import token_entropy, token_logprobs
 from minimind.rl.rewards import Sample, parse_weights, score
 from minimind.rl.rollout import Rollout, TorchEngine, sample, sequence_logprobs, to_batch
 from minimind.train.config import TrainConfig
-
-Batch = dict[str, torch.Tensor]
-
+from minimind.train.stage import Batch, Dist, Stage
 
 # ---- the maths (pure functions: the tests check them against hand-computed values) ----------------------
 
@@ -147,7 +145,7 @@ class PromptSet:
 # ---- the stage -------------------------------------------------------------------------------------------
 
 
-class GRPOStage:
+class GRPOStage(Stage):
     """GRPO / CISPO. Per optimizer step: `prepare` samples num_generations replies per prompt (no gradient,
     eval mode), scores them, forms group advantages and the reference log-probs; `loss` is the clipped
     (GRPO) or capped-weight (CISPO) policy-gradient loss with a k3 KL penalty."""
@@ -155,8 +153,8 @@ class GRPOStage:
     kind = "rl"
     name = "grpo"
 
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
+        super().__init__(cfg, tokenizer, dist)
         if cfg.val_data:
             raise MiniMindError(f"{self.name}: RL stages have no validation loss; leave val_data empty "
                                 "(measure with `minimind eval --task probes`)")
@@ -170,7 +168,6 @@ class GRPOStage:
         if cfg.update_epochs < 1 or cfg.max_gen_len < 1:
             raise MiniMindError("update_epochs and max_gen_len must be at least 1")
         self.weights = parse_weights(cfg.rewards)
-        self.rank = int(os.environ.get("RANK", "0"))
         self.step = 0  # rollout batches drawn so far (seeds the sampler)
         self.cached: list[Batch] = []
         self.reuse_left = 0
@@ -202,9 +199,9 @@ class GRPOStage:
 
     def dataset(self, path: str) -> PromptSet:
         self.data = PromptSet(path, self.tokenizer, self.cfg, self.default_tools())
-        if self.data.stats.truncated and self.rank == 0:
-            print(f"{path}: {self.data.stats.truncated:,} prompts are longer than seq_len {self.cfg.seq_len}; "
-                  "left out", flush=True)
+        if self.data.stats.truncated:
+            self.say(f"{path}: {self.data.stats.truncated:,} prompts are longer than seq_len {self.cfg.seq_len}; "
+                     "left out")
         return self.data
 
     def default_tools(self) -> list[dict] | None:
@@ -233,12 +230,30 @@ class GRPOStage:
             model.train(was_training)
         if self.cfg.update_epochs > 1:
             self.cached, self.reuse_left = out, self.cfg.update_epochs - 1
-        if self.rank == 0 and (self.step == 1 or self.step % max(self.cfg.log_every, 1) == 0):
+        if self.step == 1 or self.step % max(self.cfg.log_every, 1) == 0:
             parts = {k[7:]: float(torch.cat([b[k] for b in out]).mean()) for k in out[0] if k.startswith("reward_")}
-            print(f"rollouts {self.step}: reward {float(torch.cat([b['reward'] for b in out]).mean()):.3f} ("
-                  + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + ") | reply "
-                  f"{float(torch.cat([b['resp_len'] for b in out]).float().mean()):.0f} tokens", flush=True)
+            self.say(f"rollouts {self.step}: reward {float(torch.cat([b['reward'] for b in out]).mean()):.3f} ("
+                     + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()) + ") | reply "
+                     f"{float(torch.cat([b['resp_len'] for b in out]).float().mean()):.0f} tokens")
         return out
+
+    def state(self) -> dict[str, Any]:
+        """What decides the next rollouts besides the weights and the data position: the rollout counter (it
+        seeds the sampler) and, between the optimizer steps of one update_epochs round, the rollouts those
+        steps reuse. On the CPU, as tensors and ints: the checkpoint is read with weights_only."""
+        cached = [{k: v.cpu() for k, v in b.items()} for b in self.cached] if self.reuse_left else []
+        return {"rollouts": self.step, "reuse_left": self.reuse_left, "cached": cached,
+                "world": self.dist.world}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step = state["rollouts"]
+        if state["reuse_left"] and state["world"] != self.dist.world:
+            # Each process cached its own share of the rows; another layout cannot reuse them.
+            self.say(f"the checkpoint's rollouts were cached by {state['world']} process(es), not {self.dist.world}:"
+                     " drawing fresh ones")
+            return
+        self.reuse_left = state["reuse_left"]
+        self.cached = [{k: v.to(self.device) for k, v in b.items()} for b in state["cached"]]
 
     def count(self, batch: Batch) -> int:
         mask = batch["labels"][:, 1:] != -100
@@ -314,7 +329,7 @@ class GRPOStage:
     def save_rollouts(self, rollouts: list[Rollout], samples: list[Sample], batch: Batch) -> None:
         """Every rollout_every steps, rank 0 appends the first micro-batch's samples to <run>/rollouts.jsonl."""
         every = self.cfg.rollout_every
-        if self.rank != 0 or not every or (self.step % every and self.step != 1):
+        if not self.dist.main or not every or (self.step % every and self.step != 1):
             return
         path = Path(self.cfg.run_dir) / "rollouts.jsonl"
         if self.step == 1 and not self.cfg.resume:

@@ -1,99 +1,33 @@
-"""THE training loop, shared by every stage: a stage supplies its data, batches and loss; this file does the
-rest (devices, precision, DDP, accumulation, schedule, logging, evaluation, checkpoints, exact resume).
+"""THE training loop, shared by every stage: a stage (the contract: train/stage.py) supplies data, batches and loss;
+this file does the rest (devices, precision, DDP, accumulation, schedule, logging, eval, checkpoints, exact resume).
 `minimind train pretrain --config configs/tiny_pretrain.toml`, or under `torchrun --nproc_per_node N -m minimind`."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from minimind import MiniMindError
-from minimind.checkpoint import atomic_path, latest_resume, load_model, load_resume, save_model, save_resume
+from minimind.checkpoint import atomic_path, latest_resume, load_model, load_resume, save_resume
 from minimind.config import ModelConfig
 from minimind.device import pick_device, pick_dtype
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig, to_toml
-
-Batch = dict[str, torch.Tensor]
-
-
-class Stage(Protocol):
-    """What a stage file supplies. `loss` returns (sum of per-unit losses, number of units, extra metrics):
-    the loop divides by the unit count of the whole global batch (`count`, target tokens by default; a DPO
-    stage counts pairs), so the gradient is the same whatever the split over micro-batches and processes.
-
-    Optional hooks, looked up with getattr so simple stages stay simple:
-      setup(model, device)         after the model is on its device, before the optimizer is built: freeze
-                                   or wrap layers (LoRA), load a reference or teacher model
-      count(batch) -> int          the units `loss` averages over (default: labels != -100 after shifting)
-      prepare(model, micro)        turn each step's micro-batches into training batches (RL rollouts)
-      save(model, out, tokenizer)  write the stage's output directory (default: a full model directory)
-    """
-
-    def dataset(self, path: str) -> Any: ...
-    def collate(self, rows: list) -> Batch: ...
-    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]: ...
-
-
-def target_tokens(batch: Batch) -> int:
-    """The default unit count: positions with a next-token label."""
-    return int((batch["labels"][:, 1:] != -100).sum())
-
+from minimind.train.stage import Batch, Dist, Stage
 
 # ---- machine ------------------------------------------------------------------------------------------
-
-
-class Dist:
-    """Process-group facts; a single process is world 1, rank 0."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.main = self.rank == 0
-
-    def start(self, device: torch.device) -> None:
-        if self.world > 1 and not dist.is_initialized():
-            # The step's token counts and the run length travel as small CPU tensors: gloo carries those, nccl
-            # the gradients.
-            dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, value: float | torch.Tensor) -> float:
-        if self.world == 1:
-            return float(value)
-        t = torch.tensor(float(value), dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t)
-
-    def first(self, value: int) -> int:
-        """Rank 0's value on every rank: a decision taken from a clock (each process reads its own) must agree
-        across ranks, or one would stop stepping while the others wait for it in an all-reduce."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.broadcast(t, 0)
-        return int(t)
-
-    def stop(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -202,8 +136,7 @@ def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro
     """Forward and backward over the micro-batches, clip, step. Returns (mean loss per target token over
     the global batch, gradient norm before clipping, stage extras averaged over micro-batches)."""
     accum = len(micro)
-    count = getattr(stage, "count", target_tokens)
-    n_tokens = d.sum(sum(count(b) for b in micro))
+    n_tokens = d.sum(sum(stage.count(b) for b in micro))
     loss_sum = 0.0
     extras: dict[str, float] = {}
     for m, batch in enumerate(micro):
@@ -233,10 +166,101 @@ def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro
     return d.sum(loss_sum) / max(n_tokens, 1), grad_norm, extras
 
 
-# ---- the loop ----------------------------------------------------------------------------------------
+# ---- the run, phase by phase: build, plan, resume, then per step: batch, step, log, evaluate, checkpoint ----
 
 
-def build_model(cfg: TrainConfig):
+@dataclass
+class Plan:
+    """The run's shape, settled before the first step (a time budget may shorten `total` as it goes)."""
+
+    accum: int  # micro-batches per optimizer step, per process
+    rows_per_step: int  # rows per optimizer step over all processes
+    total: int  # optimizer steps
+    dtype: torch.dtype
+    lengths: np.ndarray | None  # row lengths, when steps group rows of similar length
+
+
+@dataclass
+class Position:
+    """Where the run stands: optimizer steps taken and rows consumed (the data position, counted in rows)."""
+
+    step: int = 0
+    samples: int = 0
+
+
+@dataclass
+class Clock:
+    """The run's timing: throughput since the last log line, ETA, and the pace a time budget is fitted to."""
+
+    start_step: int
+    planned: int  # the step count before any time-budget fit
+    t_start: float = field(default_factory=time.perf_counter)
+    t_last: float = field(default_factory=time.perf_counter)
+    tokens_since: int = 0
+    step_ends: list[float] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, stage_class: type[Stage]) -> Path:
+    """Run a stage; returns the directory it wrote (runs/<name>/model, or the stage's `output`)."""
+    d = Dist()
+    device = pick_device(cfg.device, d.local_rank)
+    d.start(device)
+    try:
+        return _train(cfg, stage_class, d, device)
+    finally:
+        d.stop()
+
+
+def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.device) -> Path:
+    say = Printer(d.main)
+    model, tokenizer, stage = build(cfg, stage_class, d, device)
+    data, val = load_data(cfg, stage, d, say)
+    plan = make_plan(cfg, data, d, device)
+    autocast = torch.autocast(device.type, dtype=plan.dtype) if plan.dtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler(device.type) if plan.dtype == torch.float16 else None
+    optimizer = make_optimizer(model, cfg, device)
+    at = resume(cfg, model, stage, optimizer, scaler, plan, d, device, say)
+    net = wrap(model, cfg, d, device)
+    loggers = start_run_dir(cfg, d)
+    say(f"model: {model.config.name} {model.num_parameters():,} parameters | {device} "
+        f"{str(plan.dtype).removeprefix('torch.')} | {d.world} process(es) x {cfg.batch_size} rows x {plan.accum} "
+        f"accumulation = {plan.rows_per_step} rows/step | {plan.total} steps")
+    fpt = flops_per_token(model.config, cfg.seq_len)
+    peak = peak_flops(device, plan.dtype) * d.world if d.main else 1.0
+
+    model.train()
+    bar = progress_bar(plan.total, at.step, d.main, cfg.progress)
+    clock = Clock(start_step=at.step, planned=plan.total)
+    while at.step < plan.total:
+        fit_to_budget(cfg, plan, at, clock, d, bar)
+        lr = learning_rate(cfg, at.step, plan.total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = stage.prepare(model, next_batches(cfg, stage, data, plan, at, d))
+        train_loss, grad_norm, extras = train_step(net, model, stage, micro, optimizer, cfg.grad_clip, device,
+                                                   autocast, scaler, d)
+        at.step += 1
+        at.samples += plan.rows_per_step
+        clock.step_ends.append(time.perf_counter())
+        clock.tokens_since += sum(b["input_ids"].numel() for b in micro) * d.world  # SFT rows are padded per batch
+        bar.update(1)
+
+        last = at.step == plan.total
+        if at.step % cfg.log_every == 0 or last or at.step == clock.start_step + 1:
+            log_step(at.step, plan.total, train_loss, lr, grad_norm, extras, fpt / peak, clock, device, bar, loggers)
+        if val is not None and ((cfg.eval_every and at.step % cfg.eval_every == 0) or last):
+            val_loss = evaluate(net, stage, val, cfg, device, autocast, d)
+            bar.write(f"step {at.step}/{plan.total} | validation loss {val_loss:.4f}")
+            if loggers:
+                loggers.log({"step": at.step, "val_loss": round(val_loss, 6)})
+            model.train()
+        if (cfg.save_every and at.step % cfg.save_every == 0) or last:
+            checkpoint(cfg, model, stage, optimizer, scaler, plan, at, d, device)
+    bar.close()
+    return finish(cfg, model, tokenizer, stage, loggers, d, say)
+
+
+def build_model(cfg: TrainConfig) -> tuple[MiniMindForCausalLM, Any]:
     if cfg.init_from:
         model = load_model(cfg.init_from)
         model.config.dropout = cfg.dropout
@@ -249,34 +273,26 @@ def build_model(cfg: TrainConfig):
     return model, tokenizer
 
 
-def train(cfg: TrainConfig, stage_factory) -> Path:
-    """Run a stage; returns the model directory it wrote (runs/<name>/model)."""
-    d = Dist()
-    device = pick_device(cfg.device, d.local_rank)
-    d.start(device)
-    try:
-        return _train(cfg, stage_factory, d, device)
-    finally:
-        d.stop()
-
-
-def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Path:
+def build(cfg: TrainConfig, stage_class: type[Stage], d: Dist,
+          device: torch.device) -> tuple[MiniMindForCausalLM, Any, Stage]:
+    """The model on its device, its tokenizer, and the stage set up on it (before the optimizer exists)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.data:
         raise MiniMindError("no training data: set data = \"file.jsonl\" in the config or pass --data FILE")
-    run = cfg.run_dir
-    say = Printer(d.main)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # same initial weights in every process
     model, tokenizer = build_model(cfg)
     model.to(device)
-    stage = stage_factory(cfg, tokenizer)
-    if hasattr(stage, "setup"):
-        stage.setup(model, device)
+    stage = stage_class(cfg, tokenizer, d)
+    stage.setup(model, device)
+    return model, tokenizer, stage
 
-    # Rank 0 tokenizes; the others wait, then open the same cache.
+
+def load_data(cfg: TrainConfig, stage: Stage, d: Dist, say: Printer) -> tuple[Any, Any]:
+    """The training rows (rank 0 tokenizes; the others wait, then open the same cache) and the validation
+    rows, if any."""
     if d.main:
         data = stage.dataset(cfg.data)
     d.barrier()
@@ -289,134 +305,144 @@ def _train(cfg: TrainConfig, stage_factory, d: Dist, device: torch.device) -> Pa
     say(f"data: {cfg.data}: {len(data):,} rows of up to {cfg.seq_len} tokens ({stats.tokens:,} tokens)"
         + (f"; {stats.truncated:,} rows truncated to seq_len" if stats.truncated else "")
         + (f"; skipped {stats.skipped_bad:,} bad lines" if stats.skipped_bad else ""))
+    return data, val
 
+
+def make_plan(cfg: TrainConfig, data: Any, d: Dist, device: torch.device) -> Plan:
+    """Accumulation from the global batch size, the step count from steps or epochs, the precision."""
     per_micro = cfg.batch_size * cfg.seq_len * d.world
     accum = max(1, round(cfg.global_batch_tokens / per_micro)) if cfg.global_batch_tokens else 1
     rows_per_step = cfg.batch_size * accum * d.world
     total = cfg.steps or max(1, math.ceil(cfg.epochs * len(data) / rows_per_step))
-    dtype = pick_dtype(cfg.dtype, device)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-
-    optimizer = make_optimizer(model, cfg, device)
     lengths = data.lengths() if cfg.group_by_length and hasattr(data, "lengths") else None
     if lengths is not None and lengths.min() == lengths.max():
         lengths = None  # packed pretraining rows are all full: nothing to group
+    return Plan(accum, rows_per_step, total, pick_dtype(cfg.dtype, device), lengths)
 
-    step, samples = 0, 0
-    checkpoints = run / "checkpoints"
-    if cfg.resume:
-        target = latest_resume(checkpoints)
-        if target is None:
-            raise MiniMindError(f"{checkpoints}: no checkpoint to resume from")
-        trainer, state = load_resume(target, model)
-        optimizer.load_state_dict(trainer["optimizer"])
-        if scaler is not None and "scaler" in trainer:
-            scaler.load_state_dict(trainer["scaler"])
-        if state["world_size"] == d.world:  # RNG streams (dropout) continue exactly only on the same layout
-            torch.set_rng_state(trainer["rng"]["torch"])
-            if device.type == "cuda" and "cuda" in trainer["rng"]:
-                torch.cuda.set_rng_state(trainer["rng"]["cuda"], device)
-        step, samples = state["step"], state["samples"]
-        if cfg.time_budget:
-            total = state.get("total", total)  # a time-budgeted run keeps the length it settled on
-        say(f"resumed from {target} (step {step}, {samples:,} rows seen, {state['world_size']} process(es) then, "
-            f"{d.world} now)")
-    elif d.main:
-        if (run / "model").exists() or latest_resume(checkpoints) is not None:
-            say(f"note: {run} already holds a run; starting afresh (use --resume to continue it)")
 
+def resume(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler | None, plan: Plan, d: Dist, device: torch.device,
+           say: Printer) -> Position:
+    """On --resume, everything the latest checkpoint holds (weights, optimizer, scaler, RNG, data position,
+    the stage's state) and the position to go on from; else position 0."""
+    checkpoints = cfg.run_dir / "checkpoints"
+    if not cfg.resume:
+        if d.main and ((cfg.run_dir / "model").exists() or latest_resume(checkpoints) is not None):
+            say(f"note: {cfg.run_dir} already holds a run; starting afresh (use --resume to continue it)")
+        return Position()
+    target = latest_resume(checkpoints)
+    if target is None:
+        raise MiniMindError(f"{checkpoints}: no checkpoint to resume from")
+    trainer, state = load_resume(target, model)
+    optimizer.load_state_dict(trainer["optimizer"])
+    if scaler is not None and "scaler" in trainer:
+        scaler.load_state_dict(trainer["scaler"])
+    same_layout = state["world_size"] == d.world
+    if same_layout:  # RNG streams (dropout) continue exactly only on the same layout
+        torch.set_rng_state(trainer["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in trainer["rng"]:
+            torch.cuda.set_rng_state(trainer["rng"]["cuda"], device)
+    if "stage" in trainer:  # one state per process; on another layout every process takes rank 0's
+        stage.load_state(trainer["stage"][d.rank if same_layout else 0])
+    if cfg.time_budget:
+        plan.total = state.get("total", plan.total)  # a time-budgeted run keeps the length it settled on
+    say(f"resumed from {target} (step {state['step']}, {state['samples']:,} rows seen, {state['world_size']} "
+        f"process(es) then, {d.world} now)")
+    return Position(state["step"], state["samples"])
+
+
+def wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> torch.nn.Module:
+    """What the forward goes through: the model, compiled if asked, inside DDP on several processes."""
     net: torch.nn.Module = model
     if cfg.compile:
         net = torch.compile(model)
     if d.world > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=model.config.use_moe)
+    return net
 
+
+def start_run_dir(cfg: TrainConfig, d: Dist) -> Loggers | None:
+    """The run directory with its resolved config.toml (a fresh run starts a fresh metrics.jsonl); rank 0's
+    loggers."""
+    if not d.main:
+        return None
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    if not cfg.resume:
+        (cfg.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return Loggers(cfg, cfg.run_dir)
+
+
+def fit_to_budget(cfg: TrainConfig, plan: Plan, at: Position, clock: Clock, d: Dist, bar: progress_bar) -> None:
+    """Fit the run to its time budget from the recent pace (this machine's speed drifts); the cosine schedule
+    then decays over the steps that remain. The window is long because length-grouped steps differ several-fold
+    in cost, and a short one makes the planned length (and so the learning rate) jump about. The first step
+    (warm-up, compilation) is left out."""
+    if not cfg.time_budget or cfg.resume or len(clock.step_ends) < 4 or at.step % 5:
+        return
+    recent = clock.step_ends[max(1, len(clock.step_ends) - 101):]
+    per_step = (recent[-1] - recent[0]) / (len(recent) - 1)
+    left = cfg.time_budget - (time.perf_counter() - clock.t_start)
+    plan.total = d.first(max(at.step + 1, min(clock.planned, at.step + int(left / per_step))))
+    bar.set_total(plan.total)
+
+
+def next_batches(cfg: TrainConfig, stage: Stage, data: Any, plan: Plan, at: Position, d: Dist) -> list[Batch]:
+    """This process's micro-batches of the next step: its share of the next rows_per_step rows of the data."""
+    rows = global_rows(len(data), at.samples, plan.rows_per_step, cfg.seed, plan.lengths)
+    micro = []
+    for m in range(plan.accum):
+        lo = (m * d.world + d.rank) * cfg.batch_size
+        micro.append(stage.collate([data[i] for i in rows[lo:lo + cfg.batch_size]]))
+    return micro
+
+
+def log_step(step: int, total: int, train_loss: float, lr: float, grad_norm: float, extras: dict[str, float],
+             mfu_per_token: float, clock: Clock, device: torch.device, bar: progress_bar,
+             loggers: Loggers | None) -> None:
+    """One line per logged step (step, loss, lr, gradient norm, tokens/s, MFU, ETA) and a metrics record."""
+    sync(device)
+    now = time.perf_counter()
+    tps = clock.tokens_since / max(now - clock.t_last, 1e-9)
+    clock.t_last, clock.tokens_since = now, 0
+    record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
+              "tokens_per_s": round(tps, 1), "mfu": round(tps * mfu_per_token, 4),
+              **{k: round(v, 6) for k, v in extras.items()}}
+    eta = (total - step) * (now - clock.t_start) / max(step - clock.start_step, 1)
+    bar.write(f"step {step}/{total} | loss {train_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
+              f"{tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_seconds(eta)}")
+    if loggers:
+        loggers.log(record)
+
+
+def checkpoint(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None, plan: Plan, at: Position, d: Dist, device: torch.device) -> None:
+    """Rank 0 writes checkpoints/step_N: weights, optimizer, scaler, RNG, data position and every process's
+    stage state (gathered here, so all processes take part)."""
+    stage_states = d.gather(stage.state())
     if d.main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.toml").write_text(to_toml(cfg))
-        if not cfg.resume:
-            (run / "metrics.jsonl").unlink(missing_ok=True)
-    loggers = Loggers(cfg, run) if d.main else None
-    n_params = model.num_parameters()
-    say(f"model: {model.config.name} {n_params:,} parameters | {device} {str(dtype).removeprefix('torch.')} | "
-        f"{d.world} process(es) x {cfg.batch_size} rows x {accum} accumulation = {rows_per_step} rows/step | "
-        f"{total} steps")
-    fpt = flops_per_token(model.config, cfg.seq_len)
-    peak = peak_flops(device, dtype) * d.world if d.main else 1.0
+        trainer = {"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                   "stage": stage_states}
+        if device.type == "cuda":
+            trainer["rng"]["cuda"] = torch.cuda.get_rng_state(device)
+        if scaler:
+            trainer["scaler"] = scaler.state_dict()
+        save_resume(cfg.run_dir / "checkpoints", at.step, model, trainer,
+                    {"samples": at.samples, "total": plan.total, "world_size": d.world, "stage": cfg.stage},
+                    cfg.keep_last)
+    d.barrier()
 
-    model.train()
-    bar = progress_bar(total, step, d.main, cfg.progress)
-    t_last, tokens_since, start_step = time.perf_counter(), 0, step
-    t_start, step_ends, planned = t_last, [], total
-    while step < total:
-        if cfg.time_budget and not cfg.resume and len(step_ends) >= 4 and step % 5 == 0:
-            # Fit the run to its time budget from the recent pace (this machine's speed drifts); the cosine
-            # schedule then decays over the steps that remain. The window is long because length-grouped
-            # steps differ several-fold in cost, and a short one makes the planned length (and so the
-            # learning rate) jump about. The first step (warm-up, compilation) is left out.
-            recent = step_ends[max(1, len(step_ends) - 101):]
-            per_step = (recent[-1] - recent[0]) / (len(recent) - 1)
-            left = cfg.time_budget - (time.perf_counter() - t_start)
-            total = d.first(max(step + 1, min(planned, step + int(left / per_step))))
-            bar.set_total(total)
-        lr = learning_rate(cfg, step, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        rows = global_rows(len(data), samples, rows_per_step, cfg.seed, lengths)
-        micro = []
-        for m in range(accum):
-            lo = (m * d.world + d.rank) * cfg.batch_size
-            micro.append(stage.collate([data[i] for i in rows[lo:lo + cfg.batch_size]]))
-        if hasattr(stage, "prepare"):
-            micro = stage.prepare(model, micro)
-        train_loss, grad_norm, extras = train_step(net, model, stage, micro, optimizer, cfg.grad_clip, device,
-                                                   autocast, scaler, d)
-        step += 1
-        samples += rows_per_step
-        step_ends.append(time.perf_counter())
-        tokens_since += sum(b["input_ids"].numel() for b in micro) * d.world  # SFT rows are padded per batch
-        bar.update(1)
 
-        last = step == total
-        if step % cfg.log_every == 0 or last or step == start_step + 1:
-            sync(device)
-            now = time.perf_counter()
-            tps = tokens_since / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0
-            record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-                      "tokens_per_s": round(tps, 1), "mfu": round(tps * fpt / peak, 4),
-                      **{k: round(v, 6) for k, v in extras.items()}}
-            eta = (total - step) * (now - t_start) / max(step - start_step, 1)
-            bar.write(f"step {step}/{total} | loss {train_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
-                      f"{tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_seconds(eta)}")
-            if loggers:
-                loggers.log(record)
-        if val is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-            val_loss = evaluate(net, stage, val, cfg, device, autocast, d)
-            bar.write(f"step {step}/{total} | validation loss {val_loss:.4f}")
-            if loggers:
-                loggers.log({"step": step, "val_loss": round(val_loss, 6)})
-            model.train()
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            if d.main:
-                trainer = {"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
-                if device.type == "cuda":
-                    trainer["rng"]["cuda"] = torch.cuda.get_rng_state(device)
-                if scaler:
-                    trainer["scaler"] = scaler.state_dict()
-                save_resume(checkpoints, step, model, trainer,
-                            {"samples": samples, "total": total, "world_size": d.world, "stage": cfg.stage},
-                            cfg.keep_last)
-            d.barrier()
-    bar.close()
-    out = run / getattr(stage, "output", "model")  # a LoRA stage writes an adapter directory instead
+def finish(cfg: TrainConfig, model: torch.nn.Module, tokenizer, stage: Stage, loggers: Loggers | None, d: Dist,
+           say: Printer) -> Path:
+    """The stage's product (a model directory, or a LoRA adapter), the loss plot; returns the product's path."""
+    out = cfg.run_dir / stage.output
     if d.main:
-        getattr(stage, "save", save_model)(model, out, tokenizer)
+        stage.save(model, out, tokenizer)
         if loggers:
             loggers.close()
-        plot_losses(run / "metrics.jsonl", run / "loss.png")
+        plot_losses(cfg.run_dir / "metrics.jsonl", cfg.run_dir / "loss.png")
         say(f"saved {out}")
     d.barrier()
     return out

@@ -3,7 +3,6 @@ layout). `minimind train lora --config configs/lora.toml`; the built-in example 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -32,11 +31,10 @@ class LoRAStage(SFTStage):
                                 "runs/sft/model)")
         names = inject_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         trainable, total = freeze_base(model)
-        if int(os.environ.get("RANK", "0")) == 0:
-            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
-            print(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {len(names)} layers "
-                  f"({', '.join(kinds)}): {trainable:,} trainable parameters, {100 * trainable / total:.2f}% of "
-                  f"{total:,}", flush=True)
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        self.say(f"LoRA: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on {len(names)} layers "
+                 f"({', '.join(kinds)}): {trainable:,} trainable parameters, {100 * trainable / total:.2f}% of "
+                 f"{total:,}")
 
     def save(self, model: torch.nn.Module, out: Path, tokenizer=None) -> Path:
         """The adapter only (runs/<name>/adapter), not a model directory: merge it with `minimind lora merge`."""

@@ -10,7 +10,8 @@ from torch import nn
 from minimind.checkpoint import save_model
 from minimind.logprobs import token_logprobs
 from minimind.rl.rollout import Rollout
-from minimind.train.grpo import Batch, GRPOStage, aggregate, k3_kl, logprobs_and_entropy
+from minimind.train.grpo import GRPOStage, aggregate, k3_kl, logprobs_and_entropy
+from minimind.train.stage import Batch
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float,
@@ -69,9 +70,11 @@ class PPOStage(GRPOStage):
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
         super().setup(model, device)  # the reference is copied before the head exists
-        model.value_head = nn.Linear(model.config.hidden_size, 1).to(device)
-        nn.init.zeros_(model.value_head.weight)
-        nn.init.zeros_(model.value_head.bias)
+        # On the trunk (model.model), so its checkpoint names carry the trunk's `model.` prefix and a resume
+        # state loads back by name like every other weight.
+        model.model.value_head = nn.Linear(model.config.hidden_size, 1).to(device)
+        nn.init.zeros_(model.model.value_head.weight)
+        nn.init.zeros_(model.model.value_head.bias)
         self.hidden: torch.Tensor | None = None
         model.model.norm.register_forward_hook(self._keep_hidden)
 
@@ -80,7 +83,7 @@ class PPOStage(GRPOStage):
 
     def values(self, model: torch.nn.Module) -> torch.Tensor:
         """V of the state before each token, [N, T] aligned with the tokens (from the last forward)."""
-        head = model.module.value_head if hasattr(model, "module") else model.value_head
+        head = (model.module if hasattr(model, "module") else model).model.value_head
         v = head(self.hidden[:, :-1]).squeeze(-1).float()
         return torch.nn.functional.pad(v, (1, 0))
 
@@ -118,9 +121,9 @@ class PPOStage(GRPOStage):
 
     def save(self, model: torch.nn.Module, out, tokenizer) -> None:
         """A plain model directory: the value head is training machinery, not part of the model."""
-        head = model.value_head
-        del model.value_head
+        head = model.model.value_head
+        del model.model.value_head
         try:
             save_model(model, out, tokenizer)
         finally:
-            model.value_head = head
+            model.model.value_head = head

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from minimind.data.pack import pack
 from minimind.logprobs import cross_entropy_sum
-from minimind.train.config import TrainConfig
+from minimind.train.stage import Stage
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
@@ -25,11 +25,8 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
     return loss, int(target.sum()), extra
 
 
-class PretrainStage:
+class PretrainStage(Stage):
     kind = "pretrain"
-
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
 
     def dataset(self, path: str):
         return pack(path, self.tokenizer, self.kind, self.cfg.seq_len, cache_dir=self.cfg.cache_dir or None,

@@ -19,6 +19,7 @@ from minimind.checkpoint import load_model, save_model
 from minimind.data.formats import iter_rows
 from minimind.rl.rewards import Sample
 from minimind.train.config import TrainConfig
+from minimind.train.stage import Stage
 
 HEAD = "reward_head.safetensors"  # beside model.safetensors; the directory still loads as a causal LM
 
@@ -78,18 +79,17 @@ class PairSet:
         return self.pairs[i]
 
 
-class RewardStage:
+class RewardStage(Stage):
     """Bradley-Terry on preference pairs; the unit is a pair. Logs pair accuracy and the mean margin."""
 
     name = "reward"
 
-    def __init__(self, cfg: TrainConfig, tokenizer) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
-
     def setup(self, model: nn.Module, device: torch.device) -> None:
-        model.reward_head = nn.Linear(model.config.hidden_size, 1).to(device)
-        nn.init.zeros_(model.reward_head.weight)
-        nn.init.zeros_(model.reward_head.bias)
+        # On the trunk (model.model), so its checkpoint names carry the trunk's `model.` prefix and a resume
+        # state loads back by name like every other weight.
+        model.model.reward_head = nn.Linear(model.config.hidden_size, 1).to(device)
+        nn.init.zeros_(model.model.reward_head.weight)
+        nn.init.zeros_(model.model.reward_head.bias)
         self.hidden = LastHidden(model)
 
     def dataset(self, path: str) -> PairSet:
@@ -104,7 +104,7 @@ class RewardStage:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         model(batch["input_ids"])
-        head = model.module.reward_head if hasattr(model, "module") else model.reward_head
+        head = (model.module if hasattr(model, "module") else model).model.reward_head
         scores = head(self.hidden.at(batch["last"])).squeeze(-1).float()
         chosen, rejected = scores.chunk(2)
         margin = chosen - rejected
@@ -113,12 +113,12 @@ class RewardStage:
         return -F.logsigmoid(margin).sum(), len(margin), extras
 
     def save(self, model: nn.Module, out, tokenizer) -> None:
-        head = model.reward_head
-        del model.reward_head
+        head = model.model.reward_head
+        del model.model.reward_head
         try:
             save_model(model, out, tokenizer)
         finally:
-            model.reward_head = head
+            model.model.reward_head = head
         save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, Path(out) / HEAD)
 
 

@@ -3,8 +3,6 @@ tool calls and closing <|im_end|>). `minimind train sft --config configs/tiny_sf
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
@@ -48,9 +46,9 @@ class SFTStage(PretrainStage):
 
     def dataset(self, path: str):
         data = RowsWithLoss(super().dataset(path))
-        if data.skipped and int(os.environ.get("RANK", "0")) == 0:
-            print(f"{path}: {data.skipped:,} of {len(data.data):,} rows have no assistant token within seq_len "
-                  f"{self.cfg.seq_len}; training skips them", flush=True)
+        if data.skipped:
+            self.say(f"{path}: {data.skipped:,} of {len(data.data):,} rows have no assistant token within seq_len "
+                     f"{self.cfg.seq_len}; training skips them")
         return data
 
     def pack_options(self) -> dict:

@@ -1,5 +1,5 @@
-"""The `serve` and `webui` subcommands: `add_serve_parser(sub)` adds them to the `minimind` CLI.
-`minimind serve --model DIR [--port 8998]`, `minimind webui --model DIR`."""
+"""`minimind serve` (the OpenAI-compatible API) and `minimind webui` (the Streamlit chat page, with an API in
+this process or a running one). `minimind serve --model DIR [--port 8998]`, `minimind webui --model DIR`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 from minimind import MiniMindError
+from minimind.commands.flags import add_model_flags, load_model_from
 
-WEBUI = Path(__file__).with_name("webui.py")
+WEBUI = Path(__file__).resolve().parents[1] / "serve" / "webui.py"  # a file: `streamlit run` takes a path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,25 +27,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def load_served_model(args: argparse.Namespace):
     """Model and tokenizer for --model (with --lora applied), on --device in --dtype."""
-    from minimind.cli import load_for_inference
-
     if getattr(args, "threads", 0):
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args)  # applies --lora (merged into the weights)
-    return model, tokenizer
+    return load_model_from(args)  # applies --lora (merged into the weights)
 
 
 def start_api_thread(args: argparse.Namespace, host: str, port: int):
     """Run the API server in a background thread of this process; returns the uvicorn.Server once it listens."""
     import uvicorn
 
+    from minimind.generation import sampling_defaults
     from minimind.serve.api import create_app
 
     model, tokenizer = load_served_model(args)
     app = create_app(model, tokenizer, name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
-                     max_batch=args.max_batch, max_queue=args.max_queue)
+                     max_batch=args.max_batch, max_queue=args.max_queue,
+                     sampling_defaults=sampling_defaults(args.model))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, name="minimind-api", daemon=True).start()
     deadline = time.time() + 60
@@ -102,8 +102,6 @@ def cmd_webui(args: argparse.Namespace) -> None:
 
 
 def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    from minimind.cli import add_model_flags  # here, not at the top: minimind.cli imports this module
-
     add_model_flags(p, required)
     p.add_argument("--name", default=None, help="model id shown by /v1/models (default: the directory's name)")
     p.add_argument("--api-key", default=None,
@@ -113,8 +111,8 @@ def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
 
-def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    """Add `serve` and `webui` to the CLI's subcommands."""
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `serve` and `webui`."""
     p = sub.add_parser("serve", help="OpenAI-compatible API server with continuous batching",
                        description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health.")
     _model_flags(p, required=True)

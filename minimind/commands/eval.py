@@ -1,5 +1,5 @@
-"""`minimind eval --model DIR --task ppl|mc|gsm8k|probes [--data PATH]`: one evaluation, printed as a table,
-written as JSON and noted in the run's report.md. Wired into the main CLI by cli.py (`add_eval_parser(sub)`)."""
+"""`minimind eval --model DIR --task ppl|mc|gsm8k|probes [--data PATH] [--lora DIR] [--quantize int8]`: one
+evaluation, printed as a table, written as JSON and noted in the run's report.md."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from minimind import MiniMindError
+from minimind.commands.flags import add_model_flags, load_model_from
 
 TASKS = ("ppl", "mc", "gsm8k", "probes")
 
@@ -131,19 +132,18 @@ def run_directory(model_dir: str | Path) -> Path | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from minimind.cli import load_for_inference  # lazy: cli.py imports this module
-
     if args.limit is not None and args.limit < 1:
         raise MiniMindError("--limit must be at least 1")
     if args.few_shot < 0:
         raise MiniMindError("--few-shot must be >= 0")
     if args.progress is None:
         args.progress = sys.stderr.isatty()
-    model, tokenizer = load_for_inference(args)
+    model, tokenizer = load_model_from(args)
     start = time.perf_counter()
     out, table, summary = RUNNERS[args.task](model, tokenizer, args)
     seconds = time.perf_counter() - start
-    record = {"task": args.task, "model": str(args.model), "data": args.data, "limit": args.limit,
+    record = {"task": args.task, "model": str(args.model), "lora": args.lora, "quantize": args.quantize,
+              "data": args.data, "limit": args.limit,
               "seconds": round(seconds, 2), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **out}
     print(table)
     print(f"{args.task}: {summary} in {seconds:.1f} s")
@@ -159,7 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             fh.write(f"- eval {args.task} on {data} ({record['time']}): {summary}\n")
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, GSM8K-style, probes",
                        description="ppl: perplexity and bits per byte of a .txt / JSONL {\"text\"} file. mc: "
                        "C-Eval / CMMLU / MMLU .csv or ARC .jsonl (a file or a directory, one subject per file), "
@@ -167,7 +167,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                        "answers to JSONL {\"question\", \"answer\"} rows. probes: the built-in held-out tasks "
                        "(generated afresh when --data is absent). Prints a table, writes JSON (--out, or "
                        "eval_TASK.json in the run directory) and adds a line to the run's report.md.")
-    p.add_argument("--model", required=True, help="model directory")
+    add_model_flags(p)
     p.add_argument("--task", required=True, choices=TASKS, help="which evaluation")
     p.add_argument("--data", default=None, help="data file or directory (optional for probes)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items (quick runs)")
@@ -184,9 +184,6 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="ppl: window length")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--seed", type=int, default=0, help="probes: seed of the generated held-out tasks")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=cmd_eval)

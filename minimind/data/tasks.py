@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from minimind import MiniMindError
 from minimind.chat import parse_assistant
-from minimind.tools import CALCULATOR_TOOL, TOOLS, calculator, run_tool  # noqa: F401 - re-exported
+from minimind.tools import TOOLS, run_tool
 
 FAMILIES: tuple[str, ...] = ("arithmetic", "counting", "units", "identity", "calculator", "converter")
 TOOL_FAMILIES = ("calculator", "converter")  # their replies call a tool (minimind.tools) before answering

@@ -14,7 +14,6 @@ from minimind.data.tasks import (
     FAMILIES,
     _key,
     arithmetic_drill,
-    calculator,
     extract_answer,
     heldout_split,
     is_correct,
@@ -24,6 +23,7 @@ from minimind.data.tasks import (
     question_of,
     split_of,
 )
+from minimind.tools import calculator
 
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 # Unit names as the questions spell them -> size in the base unit; written here independently of tasks.py.

@@ -329,18 +329,19 @@ def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation
 
 
 def parse_call(body: str) -> dict | None:
-    """One `<tool_call>` body as an OpenAI tool call, or None if it is not a well-formed call."""
+    """One `<tool_call>` body as an OpenAI tool call, or None if it is not a well-formed call. Never raises:
+    model text is data, and json's limits (a 5,000-digit number, 100,000-deep nesting) just make it no call."""
     try:
         data = json.loads(body)
-    except json.JSONDecodeError:
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
+            return None
+        args = data.get("arguments", {})
+        if args is None:
+            args = {}
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is Python's int-str limit
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not data["name"]:
-        return None
-    args = data.get("arguments", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, str):
-        args = json.dumps(args, ensure_ascii=False)
     return {"type": "function", "function": {"name": data["name"], "arguments": args}}
 
 
@@ -353,21 +354,42 @@ class AssistantParser:
     (a block that does not parse, or never closes, stays text: model output is data, never code). Text that may
     still become a tag is held back until decided; whitespace around reasoning and content is trimmed as the
     template writes it. `message` gathers the deltas, so a streamed and a whole answer always agree. Given
-    `call_id` (a function making ids), each call carries an OpenAI `index` and `id`, as the API sends them."""
+    `call_id` (a function making ids), each call carries an OpenAI `index` and `id`, as the API sends them.
+    Work is linear in the text, however it is split and however many tags never close."""
 
     def __init__(self, thinking: bool, parse_tools: bool = True, call_id: Callable[[], str] | None = None) -> None:
         self.mode = "reasoning_content" if thinking else "content"
         self.parse_tools, self.call_id = parse_tools, call_id
         self.buf = ""  # text not classified yet
+        # While buf is an open <tool_call> block, new pieces wait here and only they are searched for its end:
+        # growing and rescanning buf on every piece would be quadratic in a block that never closes.
+        self.open_block: list[str] | None = None
+        self.open_tail = ""  # the block's last len(CALL_CLOSE) - 1 characters: a close tag may straddle pieces
         self.started = {"reasoning_content": False, "content": False}
         self.held = {"reasoning_content": "", "content": ""}  # trailing whitespace: kept only if text follows
-        self.message: dict[str, Any] = {"reasoning_content": "", "content": "", "tool_calls": []}
+        self.parts: dict[str, list[str]] = {"reasoning_content": [], "content": []}  # joined by `message`
+        self.tool_calls: list[dict] = []
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """What was parsed so far: {"reasoning_content", "content", "tool_calls"}."""
+        return {**{key: "".join(parts) for key, parts in self.parts.items()}, "tool_calls": self.tool_calls}
 
     def feed(self, piece: str) -> list[dict]:
-        self.buf += piece
+        if self.open_block is not None:
+            tail = self.open_tail + piece
+            self.open_block.append(piece)
+            if CALL_CLOSE not in tail:
+                self.open_tail = tail[1 - len(CALL_CLOSE):]
+                return []
+            self.buf, self.open_block = "".join(self.open_block), None
+        else:
+            self.buf += piece
         return self._run(final=False)
 
     def finish(self) -> list[dict]:
+        if self.open_block is not None:
+            self.buf, self.open_block = "".join(self.open_block), None
         return self._run(final=True)
 
     def _emit(self, key: str, text: str, out: list[dict]) -> None:
@@ -382,7 +404,7 @@ class AssistantParser:
         self.held[key] = text[len(body):]
         if body:
             out.append({key: body})
-            self.message[key] += body
+            self.parts[key].append(body)
 
     def _run(self, final: bool) -> list[dict]:
         out: list[dict] = []
@@ -392,35 +414,37 @@ class AssistantParser:
                 self.buf = head[len(THINK_OPEN):]
             elif THINK_OPEN.startswith(head) and head and not final:
                 return out  # may still become <think>
-        while self.buf:
+        buf, pos = self.buf, 0  # a cursor, not slicing: many blocks in one text must not copy it each time
+        while pos < len(buf):
             tag = THINK_CLOSE if self.mode == "reasoning_content" else CALL_OPEN if self.parse_tools else None
-            at = self.buf.find(tag) if tag else -1
+            at = buf.find(tag, pos) if tag else -1
             if at == -1:  # no tag: all but a tail that could be the start of one is settled
-                keep = 0 if final or not tag else _tag_prefix(self.buf, tag)
-                self._emit(self.mode, self.buf[:len(self.buf) - keep], out)
-                self.buf = self.buf[len(self.buf) - keep:]
+                keep = 0 if final or not tag else _tag_prefix(buf[max(pos, len(buf) - len(tag)):], tag)
+                self._emit(self.mode, buf[pos:len(buf) - keep], out)
+                pos = len(buf) - keep
                 break
-            self._emit(self.mode, self.buf[:at], out)
+            self._emit(self.mode, buf[pos:at], out)
             if tag == THINK_CLOSE:
-                self.buf, self.mode = self.buf[at + len(tag):], "content"
+                pos, self.mode = at + len(tag), "content"
                 continue
-            end = self.buf.find(CALL_CLOSE, at)
+            end = buf.find(CALL_CLOSE, at)
             if end == -1:  # an open block: wait for its end (at the very end it is plain text)
                 if final:
-                    self._emit("content", self.buf[at:], out)
-                    self.buf = ""
+                    self._emit("content", buf[at:], out)
+                    pos = len(buf)
                 else:
-                    self.buf = self.buf[at:]
+                    self.open_block, self.open_tail, pos = [buf[at:]], buf[1 - len(CALL_CLOSE):], len(buf)
                 break
-            call = parse_call(self.buf[at + len(CALL_OPEN):end].strip())
+            call = parse_call(buf[at + len(CALL_OPEN):end].strip())
             if call is None:  # not a well-formed call: it stays in the text
-                self._emit("content", self.buf[at:end + len(CALL_CLOSE)], out)
+                self._emit("content", buf[at:end + len(CALL_CLOSE)], out)
             else:
                 if self.call_id:
-                    call = {"index": len(self.message["tool_calls"]), "id": self.call_id(), **call}
-                self.message["tool_calls"].append(call)
+                    call = {"index": len(self.tool_calls), "id": self.call_id(), **call}
+                self.tool_calls.append(call)
                 out.append({"tool_calls": [call]})
-            self.buf = self.buf[end + len(CALL_CLOSE):]
+            pos = end + len(CALL_CLOSE)
+        self.buf = buf[pos:]
         return out
 
 

@@ -178,7 +178,7 @@ def run_tool(name: str, arguments: dict | str) -> str:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # also a 5,000-digit number (int-str limit) or 100,000-deep nesting
             return "error: arguments are not valid JSON"
     if not isinstance(arguments, dict):
         return "error: arguments must be a JSON object"
@@ -188,7 +188,10 @@ def run_tool(name: str, arguments: dict | str) -> str:
     if missing or extra:
         return f"error: {tool.name} takes {', '.join(params['properties'])}" + (
             f"; missing {', '.join(missing)}" if missing else f"; unexpected {', '.join(map(str, extra))[:60]}")
-    return tool.run(**arguments)[:MAX_OUTPUT]
+    try:
+        return tool.run(**arguments)[:MAX_OUTPUT]
+    except (ValueError, RecursionError):  # str() of a 5,000-digit int or of a 100,000-deep list, given as a dict
+        return f"error: {tool.name} arguments are too large or too deeply nested"
 
 
 # ---- the tool loop ------------------------------------------------------------------------------------

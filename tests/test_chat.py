@@ -8,7 +8,16 @@ import jinja2
 import pytest
 from transformers import AutoTokenizer
 
-from minimind.chat import CHAT_TEMPLATE, encode_chat, normalize, parse_assistant, render, render_with_spans
+from minimind.chat import (
+    CHAT_TEMPLATE,
+    AssistantParser,
+    encode_chat,
+    normalize,
+    parse_assistant,
+    parse_call,
+    render,
+    render_with_spans,
+)
 from minimind.tokenizer import train_tokenizer
 
 TOOLS_HEAD = ("<|im_start|>system\n# Tools\n\n"
@@ -365,3 +374,33 @@ def test_parse_inverts_render():
     assert parsed == {"reasoning_content": "think hard", "content": "Let me see.",
                       "tool_calls": [call("add", '{"a": 1}'), call("get", '{"城市": "北京"}')]}
     assert render([{"role": "assistant", **parsed}]) == text
+
+
+def _stream(text: str, size: int) -> dict:
+    parser = AssistantParser(thinking=False)
+    for i in range(0, len(text), size):
+        parser.feed(text[i:i + size])
+    parser.finish()
+    return parser.message
+
+
+@pytest.mark.parametrize("body", [
+    '{"name": "calculator", "arguments": {"expression": 1' + "0" * 5000 + "}}",  # past the int-str limit
+    '{"name": "calculator", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",  # past the recursion limit
+])
+def test_hostile_tool_call_stays_text(body):
+    assert parse_call(body) is None
+    text = f"Sure.<tool_call>{body}</tool_call>"
+    assert parse_assistant(text) == {"reasoning_content": None, "content": text, "tool_calls": []}
+    assert _stream(text, 7)["content"] == text
+
+
+def test_unclosed_and_unparsed_tags_parse_in_linear_time():
+    # Sizes where rescanning (or copying) the pending text per piece or per block takes minutes; linear, well
+    # under a second. The streamed case is what a model looping on "<tool_call>" sends one token at a time.
+    unclosed = "<tool_call>" * 40_000
+    assert _stream(unclosed, 2) == {"reasoning_content": "", "content": unclosed, "tool_calls": []}
+    assert parse_assistant(unclosed)["content"] == unclosed
+    unparsed = "<tool_call>{x}</tool_call>" * 50_000
+    assert parse_assistant(unparsed)["content"] == unparsed
+    assert _stream(unparsed + '<tool_call>{"name": "f"}</tool_call>', 3)["tool_calls"] == [call("f", "{}")]

@@ -67,3 +67,25 @@ def test_tool_loop_runs_calls_until_a_message_calls_nothing_or_the_round_limit()
     assert loop.step(calling("1+1")) is None and ran == [] and not loop.finished  # third round: left unrun
     done = ToolLoop(max_rounds=2)
     assert done.step({"role": "assistant", "content": "5"}) is None and done.finished and done.calls == []
+
+
+def _deep_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+BIG_INT = "1" + "0" * 5000  # past Python's int-str limit (4300 digits)
+DEEP = "[" * 100_000 + "]" * 100_000  # past the recursion limit
+
+
+@pytest.mark.parametrize("name, args, expected", [
+    ("calculator", f'{{"expression": {BIG_INT}}}', "error: arguments are not valid JSON"),
+    ("calculator", f'{{"expression": {DEEP}}}', "error: arguments are not valid JSON"),
+    ("calculator", {"expression": 10**5000}, "error: calculator arguments are too large or too deeply nested"),
+    ("unit_convert", {"value": 1, "from_unit": _deep_list(100_000), "to_unit": "m"},
+     "error: unit_convert arguments are too large or too deeply nested"),
+])
+def test_run_tool_never_raises_on_hostile_arguments(name, args, expected):
+    assert run_tool(name, args) == expected

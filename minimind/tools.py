@@ -34,22 +34,30 @@ UNIT_TOOL = _function(
 
 # ---- calculator --------------------------------------------------------------------------------------
 
-_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|(.))")
+_TOKEN_RE = re.compile(r"\s*(?:([0-9]+(?:\.[0-9]+)?)|(.))")  # ASCII digits only: \d would take ① or ２
 
 
 def _format(value: Fraction) -> str:
     if value.denominator == 1:
         return str(value.numerator)
     try:
-        return f"{float(value):.6f}".rstrip("0").rstrip(".")
+        number = float(value)
     except OverflowError:
         return "error: result too large"
+    if abs(number) < 1e-4:  # six decimals would print 1e-7 as 0: keep six significant digits instead
+        return f"{number:.6g}"
+    return f"{number:.6f}".rstrip("0").rstrip(".")
 
 
 def calculator(expression: str) -> str:
     """The `calculator` tool: + - * / and parentheses on decimal numbers, parsed by hand (model output is
     data, never code). Returns the result as text, or "error: ..." for anything else."""
-    expression = unicodedata.normalize("NFKC", str(expression)).replace("×", "*").replace("÷", "/").strip()
+    expression = str(expression)
+    # NFKC (for full-width operators) would turn ① into 1 and 2² into 22: numbers are ASCII digits or an error.
+    digit = next((c for c in expression if c.isnumeric() and not c.isascii()), None)
+    if digit is not None:
+        return f"error: numbers must use the digits 0-9, not {digit!r}"
+    expression = unicodedata.normalize("NFKC", expression).replace("×", "*").replace("÷", "/").strip()
     if not expression or len(expression) > MAX_EXPRESSION:
         return f"error: expression must be 1-{MAX_EXPRESSION} characters"
     tokens = [m.group(1) or m.group(2) for m in _TOKEN_RE.finditer(expression) if (m.group(1) or m.group(2)).strip()]

@@ -89,3 +89,16 @@ DEEP = "[" * 100_000 + "]" * 100_000  # past the recursion limit
 ])
 def test_run_tool_never_raises_on_hostile_arguments(name, args, expected):
     assert run_tool(name, args) == expected
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("①+②", "error: numbers must use the digits 0-9, not '①'"),  # NFKC would make it 1+2
+    ("2²", "error: numbers must use the digits 0-9, not '²'"),  # NFKC would make it 22
+    ("１２+1", "error: numbers must use the digits 0-9, not '１'"),
+    ("٣+1", "error: numbers must use the digits 0-9, not '٣'"),
+    ("（1+2）＊3", "9"),  # full-width operators are still read as their ASCII forms
+    ("1/10000000", "1e-07"), ("-1/3000000", "-3.33333e-07"), ("1/20000", "5e-05"),  # not "0"
+    ("1/10000", "0.0001"), ("1/3", "0.333333"), ("12345.678*1", "12345.678"),
+])
+def test_calculator_digits_and_small_results(expression, expected):
+    assert run_tool("calculator", {"expression": expression}) == expected

@@ -206,3 +206,13 @@ def test_download_command(hub, tmp_path, monkeypatch, capsys):
     args.func(args)
     out = capsys.readouterr().out
     assert f"dpo.jsonl: {len(hub.files['dpo.jsonl']):,} bytes, checked" in out and "rlaif.jsonl" in out
+
+
+def test_help_claims_only_the_checks_made():
+    # No registry entry carries a sha256 and ModelScope sends none, so not every file can be sha256-checked.
+    assert all(entry.sha256 is None for entry in REGISTRY.values())
+    parser = argparse.ArgumentParser()
+    add_download_parser(parser.add_subparsers(dest="action"))
+    description = parser._subparsers._group_actions[0].choices["download"].description
+    assert "every file is checked for size and sha256" not in description
+    assert "sha256 only where one is known: the Hub's LFS hash (--source hf) or --sha256" in description

@@ -137,7 +137,9 @@ def add_download_parser(data: argparse._SubParsersAction) -> None:
     p = data.add_parser("download", help="download MiniMind's published datasets (--list shows them)",
                         description="Download MiniMind's dataset files from the Hugging Face Hub "
                         f"({HF_REPO}; set HF_ENDPOINT for a mirror) or ModelScope ({MS_REPO}). "
-                        "Interrupted downloads resume; every file is checked for size and sha256.")
+                        "Interrupted downloads resume. Each file's size is checked against the server's; its "
+                        "sha256 only where one is known: the Hub's LFS hash (--source hf) or --sha256 (MiniMind's "
+                        "registry lists none, and ModelScope sends none).")
     p.add_argument("names", nargs="*", help="dataset names (e.g. sft_t2t_mini dpo) or file names")
     p.add_argument("--list", action="store_true", help="list the published files and exit")
     p.add_argument("--out", default="data", help="output directory")

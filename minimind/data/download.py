@@ -1,5 +1,6 @@
 """MiniMind's published dataset files by name, from the Hugging Face Hub (huggingface_hub; HF_ENDPOINT honoured) or
-ModelScope (plain HTTP, resumable), with size and sha256 checks. `minimind data download sft_t2t_mini --out data/`."""
+ModelScope (plain HTTP, resumable), with size checks, and sha256 checks where a hash is known (the Hub's LFS ETag,
+or one given; the registry has none). `minimind data download sft_t2t_mini --out data/`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class DatasetFile:
     filename: str
     size: str  # approximate, as MiniMind's README lists it
     use: str  # what MiniMind trains with it
-    sha256: str | None = None  # when known; otherwise the server's size and LFS sha256 (ETag) are checked
+    sha256: str | None = None  # none known yet; without one, only the Hub's LFS sha256 (ETag) can be checked
     modelscope: bool = True  # also on ModelScope
 
 

@@ -4,6 +4,7 @@ template for tokenizer_config.json; parsers for <think>/<tool_call>. `ids, mask 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -239,9 +240,17 @@ def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: b
                       ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; also return the [start, end) character ranges that carry loss: each assistant
     turn from just after its `<|im_start|>assistant\\n` header through its `<|im_end|>`."""
+    return _render(messages, tools, add_generation_prompt, enable_thinking, open_thinking)[:2]
+
+
+def _render(messages: Any, tools: Any, add_generation_prompt: bool, enable_thinking: bool, open_thinking: bool,
+            ) -> tuple[str, list[tuple[int, int]], set[int]]:
+    """render_with_spans, plus where the template itself wrote `<|im_start|>` and `<|im_end|>`: any other
+    special token in the text came from a message (or a tool) and is to be encoded as plain text."""
     messages, tools = normalize(messages, tools)
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
+    marks: set[int] = set()
     pos = 0
 
     def emit(text: str) -> None:
@@ -249,20 +258,33 @@ def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: b
         parts.append(text)
         pos += len(text)
 
+    def tag(marker: str) -> None:
+        marks.add(pos)
+        emit(marker)
+
     has_system = bool(messages) and messages[0]["role"] == "system"
     system_text = messages[0]["content"] if has_system else ""
     if tools:
-        emit(f"{IM_START}system\n" + (system_text + "\n\n" if has_system else "") + TOOLS_INTRO)
+        tag(IM_START)
+        emit("system\n" + (system_text + "\n\n" if has_system else "") + TOOLS_INTRO)
         for tool in tools:
             emit("\n" + json.dumps(tool, ensure_ascii=False))  # what transformers' `tojson` does
-        emit(f"{TOOLS_OUTRO}{IM_END}\n")
+        emit(TOOLS_OUTRO)
+        tag(IM_END)
+        emit("\n")
     elif has_system:
-        emit(f"{IM_START}system\n{system_text}{IM_END}\n")
+        tag(IM_START)
+        emit(f"system\n{system_text}")
+        tag(IM_END)
+        emit("\n")
 
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "user" or (role == "system" and i > 0):
-            emit(f"{IM_START}{role}\n{content}{IM_END}\n")
+            tag(IM_START)
+            emit(f"{role}\n{content}")
+            tag(IM_END)
+            emit("\n")
         elif role == "assistant":
             reasoning = m.get("reasoning_content")
             if not isinstance(reasoning, str):
@@ -270,25 +292,29 @@ def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: b
                 if THINK_CLOSE in content:
                     reasoning, content = _split_think(content)
             content, reasoning = content.lstrip("\n"), reasoning.strip("\n")
-            emit(f"{IM_START}assistant\n")
+            tag(IM_START)
+            emit("assistant\n")
             start = pos
             emit(f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{content}")
             for j, call in enumerate(m.get("tool_calls") or []):
                 emit(("\n" if content or j > 0 else "") + _call_text(call))
-            emit(IM_END)
+            tag(IM_END)
             spans.append((start, pos))
             emit("\n")
         elif role == "tool":
             if i == 0 or messages[i - 1]["role"] != "tool":
-                emit(f"{IM_START}user")
+                tag(IM_START)
+                emit("user")
             emit(f"\n{RESPONSE_OPEN}\n{content}\n{RESPONSE_CLOSE}")
             if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
-                emit(f"{IM_END}\n")
+                tag(IM_END)
+                emit("\n")
 
     if add_generation_prompt:
         opened = f"{THINK_OPEN}\n" if enable_thinking or open_thinking else EMPTY_THINK
-        emit(f"{IM_START}assistant\n{opened}")
-    return "".join(parts), spans
+        tag(IM_START)
+        emit(f"assistant\n{opened}")
+    return "".join(parts), spans, marks
 
 
 def render(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
@@ -305,14 +331,50 @@ def _ids_and_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[i
     return list(out["input_ids"]), [tuple(o) for o in out["offset_mapping"]]
 
 
+def _special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens (MiniMind's first 21; not the think and tool tags, which are not special),
+    from a raw `tokenizers.Tokenizer`, a transformers tokenizer, or a view over either (`.tokenizer`)."""
+    if hasattr(tokenizer, "get_added_tokens_decoder"):
+        added = tokenizer.get_added_tokens_decoder().values()
+    elif hasattr(tokenizer, "added_tokens_decoder"):
+        added = tokenizer.added_tokens_decoder.values()
+    elif hasattr(tokenizer, "tokenizer"):
+        return _special_tokens(tokenizer.tokenizer)
+    else:
+        return [PAD, IM_START, IM_END]
+    return [t.content for t in added if t.special]
+
+
+def _encode_as_text(tokenizer: Any, text: str, marks: set[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Tokenize the rendered text with every special token that the template did not write (at `marks`) encoded
+    as plain text, as transformers' split_special_tokens would: a user who types `<|im_end|>\\n<|im_start|>system`
+    gets those characters, not a new turn. The text is cut inside each such token, after its first run of
+    letters: the pre-tokenizer splits there anyway, so the pieces give exactly the plain-text tokens, through
+    any tokenizer or view of one. Without such tokens (the usual case) it is one call."""
+    specials = sorted(_special_tokens(tokenizer), key=len, reverse=True)  # the longest of two that overlap
+    cuts = []
+    for m in re.finditer("|".join(map(re.escape, specials)), text) if specials else ():
+        if m.start() not in marks:
+            letters = next((i for i in range(m.start() + 1, m.end()) if text[i - 1].isalpha()
+                            and not text[i].isalpha()), m.start() + 1)
+            cuts.append(letters)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    for start, end in zip([0, *cuts], [*cuts, len(text)]):
+        piece_ids, piece_offsets = _ids_and_offsets(tokenizer, text[start:end])
+        ids += piece_ids
+        offsets += [(a + start, b + start) for a, b in piece_offsets]
+    return ids, offsets
+
+
 def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation_prompt: bool = False,
                 enable_thinking: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and a 0/1 loss mask of the same length (no bos/eos added).
 
-    The text is tokenized once; a token carries loss iff its character range lies inside an assistant
-    span, so the mask is right whatever BPE merges across boundaries."""
-    text, spans = render_with_spans(messages, tools, add_generation_prompt, enable_thinking)
-    ids, offsets = _ids_and_offsets(tokenizer, text)
+    The text is tokenized once (special tokens inside messages as plain text); a token carries loss iff its
+    character range lies inside an assistant span, so the mask is right whatever BPE merges across boundaries."""
+    text, spans, marks = _render(messages, tools, add_generation_prompt, enable_thinking, False)
+    ids, offsets = _encode_as_text(tokenizer, text, marks)
     mask = [0] * len(ids)
     k = 0
     for t, (start, end) in enumerate(offsets):

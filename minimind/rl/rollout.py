@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from minimind.chat import CALL_OPEN, THINK_OPEN, parse_assistant, render
+from minimind.chat import CALL_OPEN, THINK_OPEN, encode_chat, parse_assistant
 from minimind.generation import Completion, SamplingParams, generate
 from minimind.logprobs import token_logprobs
 from minimind.rl.rewards import Sample
@@ -134,9 +134,10 @@ def sample_with_tools(engine: RolloutEngine, tokenizer, prompts: Sequence[list[i
             if results is None:
                 continue  # no calls (finished), or still calling tools at the turn limit (unfinished)
             # The template's own rendering of the tool turn, then the next assistant header ("\n" closes the
-            # assistant line the model ended with <|im_end|>).
-            piece = "\n" + render(results, add_generation_prompt=True, enable_thinking=r.thinking)
-            ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            # assistant line the model ended with <|im_end|>). encode_chat: a special token that a tool's
+            # answer echoes from the model's arguments stays text.
+            ids = tokenizer("\n", add_special_tokens=False)["input_ids"] + encode_chat(
+                tokenizer, results, add_generation_prompt=True, enable_thinking=r.thinking)[0]
             if len(r.prompt) + len(r.tokens) + len(ids) + 1 >= max_total_len:
                 continue
             r.tokens += ids

@@ -405,7 +405,7 @@ def test_unclosed_and_unparsed_tags_parse_in_linear_time():
     assert parse_assistant(unclosed)["content"] == unclosed
     unparsed = "<tool_call>{x}</tool_call>" * 50_000
     assert parse_assistant(unparsed)["content"] == unparsed
-    assert _stream(unparsed + '<tool_call>{"name": "f"}</tool_call>', 3)["tool_calls"] == [call("f", "{}")]
+    assert _stream(unparsed[:26_000] + '<tool_call>{"name": "f"}</tool_call>', 3)["tool_calls"] == [call("f", "{}")]
 
 
 # ------------------------------------------------------------------------------- special tokens as text

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,16 +92,35 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     raise MiniMindError(f"{directory}: no weights found (expected {WEIGHTS})")
 
 
+def our_name(key: str) -> str:
+    """One key as we spell it: no `module.` or `_orig_mod.` prefix, and under `model.` unless it is lm_head."""
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key if key.startswith(("model.", "lm_head.")) else "model." + key
+
+
+def layer_count(keys: Iterable[str], source: str) -> int:
+    """How many decoder layers the weights hold, read off their `model.layers.N.` keys. N must be a number and
+    the layers 0..count-1 all present, so that no model is ever built for a stray index like 100000000."""
+    found: set[int] = set()
+    for key in keys:
+        name = our_name(key)
+        if name.startswith("model.layers."):
+            index = name.split(".")[2]
+            if not (index.isascii() and index.isdigit()):
+                raise MiniMindError(f"{source}: key {key!r}: layer index {index!r} is not a number")
+            found.add(int(index))
+    if found != set(range(len(found))):
+        gap = min(set(range(len(found))) - found)
+        raise MiniMindError(f"{source}: the weights' layers are not numbered 0..{len(found) - 1} "
+                            f"(no layer {gap}, highest index {max(found)})")
+    return len(found)
+
+
 def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Accept the spellings others write: fused MoE experts (transformers 5 in memory), a `module.` or
     `_orig_mod.` prefix (DDP, torch.compile), a missing `model.` prefix, and an explicit tied lm_head."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        if not key.startswith(("model.", "lm_head.")):
-            key = "model." + key
-        out[key] = value
+    out = {our_name(key): value for key, value in state.items()}
     for layer in range(cfg.num_hidden_layers):
         base = f"model.layers.{layer}.mlp.experts."
         fused = out.pop(base + "gate_up_proj", None)
@@ -117,9 +136,9 @@ def to_our_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
-def load_weights(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load with every key and shape checked, naming what does not fit instead of a torch traceback."""
-    state = to_our_names(state, model.config)
+def check_weights(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every key and shape of `state` (in our names) against `model` (which may live on the meta device), and
+    every value finite, naming what does not fit instead of a torch traceback (or NaN text much later)."""
     expected = {k: v for k, v in model.state_dict().items()
                 if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
@@ -135,7 +154,41 @@ def load_weights(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], sou
         problems.append(f"shape mismatch: {wrong[0]}" + (f" and {len(wrong) - 1} more" if len(wrong) > 1 else ""))
     if problems:
         raise MiniMindError(f"{source}: weights do not match config.json: " + "; ".join(problems))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise MiniMindError(f"{source}: {len(broken)} weight tensors hold NaN or infinite values (e.g. {broken[0]}); "
+                            "the file is damaged or the training that wrote it diverged")
+
+
+def load_weights(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load with every key, shape and value checked (check_weights)."""
+    state = to_our_names(state, model.config)
+    check_weights(model, state, source)
     model.load_state_dict(state, strict=False)
+
+
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
+                     dtype: torch.dtype) -> MiniMindForCausalLM:
+    """The model for `cfg` holding `state`. The layer count, names and shapes are checked against the weights
+    before anything is allocated (the model is first built on the meta device), so a config.json with absurd
+    sizes is an error naming the first mismatch, not an out-of-memory or an hour-long hang."""
+    count = layer_count(state, source)
+    if count != cfg.num_hidden_layers:
+        lacking = "missing" if count < cfg.num_hidden_layers else "unexpected"
+        raise MiniMindError(f"{source}: weights do not match config.json: {abs(count - cfg.num_hidden_layers)} "
+                            f"layer(s) {lacking} (e.g. model.layers.{min(count, cfg.num_hidden_layers)}.*; "
+                            f"config.json has {cfg.num_hidden_layers}, the weights {count})")
+    state = to_our_names(state, cfg)
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(cfg)
+    check_weights(model, state, source)
+    model.to_empty(device="cpu")
+    model.to(dtype)
+    model.model.rotary.reset()  # the RoPE table is computed, not stored: rebuild it off the meta device
+    model.load_state_dict(state, strict=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
@@ -148,15 +201,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     state = read_state_dict(directory)
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    with torch.device("meta"):
-        model = MiniMindForCausalLM(cfg)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    model.model.rotary.reset()  # the RoPE table is computed, not stored: rebuild it off the meta device
-    load_weights(model, state, str(directory / WEIGHTS))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device).eval()
+    return model_from_state(cfg, state, str(directory / WEIGHTS), dtype).to(device)
 
 
 # ---- resume states -------------------------------------------------------------------------------------

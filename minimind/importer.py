@@ -52,7 +52,8 @@ def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, sour
     """A config for MiniMind's state dict: the preset (default: minimind-3, or the minimind2 family when the
     weights have no q/k-norm), then what the weights show (hidden size, layers, vocab, FFN width, MoE, experts,
     and the heads when q/k-norm gives head_dim), then explicit overrides. Without q/k-norm the number of heads
-    cannot be read off the shapes: it comes from the preset or the flags (a wrong shape fails in load_weights)."""
+    cannot be read off the shapes: it comes from the preset or the flags (a wrong shape fails in load_weights).
+    `source` names the file in errors."""
     import torch
 
     from minimind.checkpoint import layer_count

@@ -376,7 +376,7 @@ def start_run_dir(cfg: TrainConfig, d: Dist, resumed_step: int) -> Loggers | Non
     if not cfg.resume:
         metrics.unlink(missing_ok=True)
     elif metrics.is_file():
-        kept = [r for r in metric_records(metrics) if r.get("step", 0) <= resumed_step]
+        kept = [r for r in metric_records(metrics) if r["step"] <= resumed_step]
         with atomic_path(metrics) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return Loggers(cfg, cfg.run_dir)

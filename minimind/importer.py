@@ -13,8 +13,6 @@ from minimind.config import PRESETS, ModelConfig
 if TYPE_CHECKING:  # torch and the model load lazily, so that `minimind --help` stays fast
     import torch
 
-    from minimind.model import MiniMindForCausalLM
-
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # Flags of MiniMind's own scripts (--hidden_size, --num_hidden_layers, --use_moe) and a few more, as ModelConfig
@@ -49,18 +47,21 @@ def _strip(key: str) -> str:
     return key
 
 
-def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, **overrides: Any) -> ModelConfig:
+def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, source: str = "state dict",
+                 **overrides: Any) -> ModelConfig:
     """A config for MiniMind's state dict: the preset (default: minimind-3, or the minimind2 family when the
     weights have no q/k-norm), then what the weights show (hidden size, layers, vocab, FFN width, MoE, experts,
     and the heads when q/k-norm gives head_dim), then explicit overrides. Without q/k-norm the number of heads
-    cannot be read off the shapes: it comes from the preset or the flags (a wrong shape fails in load_weights)."""
+    cannot be read off the shapes: it comes from the preset or the flags (a wrong shape fails in load_weights).
+    `source` names the file in errors."""
     import torch
+
+    from minimind.checkpoint import layer_count
 
     keys = {_strip(k): v for k, v in state.items()}
     embed = keys.get("model.embed_tokens.weight")
     if embed is None or embed.dim() != 2:
         raise MiniMindError("no model.embed_tokens.weight in the state dict: not MiniMind's key names")
-    layers = {int(k.split(".")[2]) for k in keys if k.startswith("model.layers.")}
     qk_norm = any(".self_attn.q_norm." in k for k in keys)
     experts = {int(k.split(".")[5]) for k in keys if ".mlp.experts." in k and k.split(".")[5].isdigit()}
     if any(".mlp.shared_experts." in k for k in keys):
@@ -68,7 +69,7 @@ def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, **ov
     if preset is None:
         preset = "minimind-3" if qk_norm else ("minimind2-small" if embed.shape[1] == 512 else "minimind2")
     seen: dict[str, Any] = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], qk_norm=qk_norm,
-                                num_hidden_layers=max(layers) + 1 if layers else 0, use_moe=bool(experts))
+                                num_hidden_layers=layer_count(keys, source), use_moe=bool(experts))
     if experts:
         seen["num_experts"] = max(experts) + 1
     layer0 = "model.layers.0."
@@ -100,23 +101,6 @@ def _minimind_hf_dict(d: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
     return out
 
 
-def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype) -> MiniMindForCausalLM:
-    import torch
-
-    from minimind.checkpoint import load_weights
-    from minimind.model import MiniMindForCausalLM
-
-    with torch.device("meta"):
-        model = MiniMindForCausalLM(cfg)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    model.model.rotary.reset()
-    load_weights(model, state, source)  # names every missing, unexpected or wrongly shaped key
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
-
-
 def _find_tokenizer(src: Path, tokenizer: str | Path | None):
     from minimind.tokenizer import load_tokenizer
 
@@ -135,7 +119,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
     only apply to `.pth` files. `dtype` (float32, bfloat16, float16) converts; default: as stored."""
     import torch
 
-    from minimind.checkpoint import read_state_dict, save_model
+    from minimind.checkpoint import model_from_state, read_state_dict, save_model
     from minimind.device import DTYPES
 
     src = Path(src)
@@ -161,12 +145,12 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
         source = str(src)
     else:
         state = read_pth(src)
-        cfg = infer_config(state, preset, **overrides)
         source = str(src)
+        cfg = infer_config(state, preset, source, **overrides)
     stored = next(iter(state.values())).dtype
     if stored not in DTYPES.values():
         stored = torch.float32
-    model = _build(cfg, state, source, stored)
+    model = model_from_state(cfg, state, source, stored)
     if len(tok) > cfg.vocab_size:
         raise MiniMindError(f"{source}: the tokenizer has {len(tok)} tokens but the weights only {cfg.vocab_size}")
     return save_model(model, out, tok, dtype=dtype)

@@ -142,6 +142,16 @@ def test_import_pth_errors(tokenizer, tmp_path):
     torch.save({"embed": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(MiniMindError, match="not MiniMind's key names"):
         import_model(tmp_path / "other.pth", tmp_path / "out", tokenizer=tok_dir)
+    state = minimind_state_dict(small_model("qwen3", vocab_size=len(tokenizer)))
+    torch.save({**state, "model.layers.abc.w": torch.zeros(2)}, tmp_path / "abc.pth")
+    with pytest.raises(MiniMindError, match=r"abc.pth: key 'model.layers.abc.w': layer index 'abc' is not a number"):
+        import_model(tmp_path / "abc.pth", tmp_path / "out", tokenizer=tok_dir)
+    # One stray huge index is refused from the keys alone, before a model of 1e8 layers is built (hours).
+    huge = {k.replace("model.layers.1.", "model.layers.100000000."): v for k, v in state.items()}
+    torch.save(huge, tmp_path / "huge.pth")
+    with pytest.raises(MiniMindError, match=r"huge.pth: the weights' layers are not numbered 0..1 \(no layer 1, "
+                                            r"highest index 100000000\)"):
+        import_model(tmp_path / "huge.pth", tmp_path / "out", tokenizer=tok_dir)
     assert not (tmp_path / "out").exists()
 
 

@@ -254,6 +254,29 @@ def test_bad_model_directories_give_one_line_errors(tmp_path):
         load_model(tmp_path / "m")
 
 
+def test_nan_weights_and_absurd_configs_fail_before_allocating(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    save_model(small_model("qwen3"), tmp_path)
+    weights, cfg = load_file(tmp_path / "model.safetensors"), json.loads((tmp_path / "config.json").read_text())
+    # All-NaN weights (a diverged run) are an error at load, not a multinomial traceback at the first sample.
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(MiniMindError, match=r"model.safetensors: 24 weight tensors hold NaN or infinite values"):
+        load_model(tmp_path)
+    save_file(weights, tmp_path / "model.safetensors")
+    # Sizes the weights do not have are found on the meta device: nothing is allocated for them.
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated before the check"))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_size": 200000}))
+    with pytest.raises(MiniMindError, match=r"shape mismatch: model.embed_tokens.weight \(320, 64\) vs config "
+                                            r"\(320, 200000\) and 19 more"):
+        load_model(tmp_path)
+    # A layer count far beyond the file's is refused before even the meta model is built (1e8 layers: hours).
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100_000_000}))
+    with pytest.raises(MiniMindError, match=r"99999998 layer\(s\) missing \(e.g. model.layers.2.\*; config.json "
+                                            r"has 100000000, the weights 2\)"):
+        load_model(tmp_path)
+
+
 def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     good = small_model("qwen3")
     save_model(good, tmp_path / "m")

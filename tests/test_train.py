@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,54 @@ def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path):
     run_cli("train", "pretrain", *settings(corpus, killed, **opts), "--resume")
     a, b = weights(tmp_path / "straight"), weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_cleans_debris_drops_rerun_metrics_and_falls_back_to_an_intact_checkpoint(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+
+    def opts(**kw):
+        return load_config(None, settings(corpus, run, steps=8, save_every=2, keep_last=3, **kw), stage="pretrain")
+
+    def debris():  # what atomic_path leaves when a kill lands mid-write (the real one is the checkpoint's size)
+        (checkpoints / ".step_10.k1ll3d00" / "step_10").mkdir(parents=True)
+        (checkpoints / ".step_10.k1ll3d00" / "step_10" / "model.safetensors").write_bytes(b"\0" * 1000)
+        (checkpoints / ".latest.k1ll3d00").mkdir()
+
+    debris()  # on a fresh run, the first save clears it
+    train(opts(), PretrainStage)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_4", "step_6", "step_8"]
+    straight = weights(run)
+    shutil.copytree(checkpoints, tmp_path / "other" / "checkpoints")  # another run, with intact checkpoints
+
+    # A kill: debris, a metrics line cut short, and then two damaged checkpoints (the newest first).
+    debris()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "lo')
+    (checkpoints / "step_8" / "trainer.pt").write_bytes(b"garbage")
+    (checkpoints / "step_6" / "state.json").write_text('{"step": 6, "samp')
+    capsys.readouterr()
+    train(opts(resume=True), PretrainStage)
+    out = capsys.readouterr().out
+    assert "step_8/trainer.pt: damaged or incomplete" in out and "step_6/state.json: damaged or incomplete" in out
+    assert f"resuming from {checkpoints / 'step_4'} instead" in out and "resumed from" in out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_4", "step_6", "step_8"]
+    assert metric(run, "step") == list(range(1, 9))  # every line parses; steps 5-8 ran twice, are logged once
+    assert (run / "loss.png").is_file()
+    resumed = weights(run)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+    # No intact checkpoint: one error naming each damaged file.
+    for step in (4, 6, 8):
+        (checkpoints / f"step_{step}" / "model.safetensors").write_bytes(b"cut")
+    with pytest.raises(MiniMindError, match=r"no intact checkpoint to resume from: .*step_8/model.safetensors: "
+                                            r"damaged .*step_6.*step_4/model.safetensors: damaged"):
+        train(opts(resume=True), PretrainStage)
+    # A pointer that leaves the run (to another run's intact checkpoint) is refused, not followed.
+    (checkpoints / "latest").write_text("../../other/checkpoints/step_4\n")
+    with pytest.raises(MiniMindError, match=r"latest: names '../../other/checkpoints/step_4', not a step_N "
+                                            r"directory inside .*; refusing to follow it"):
+        train(opts(resume=True), PretrainStage)
 
 
 def torchrun(nproc, *args):

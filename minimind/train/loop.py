@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minimind import MiniMindError
-from minimind.checkpoint import atomic_path, latest_resume, load_model, load_resume, save_resume
+from minimind.checkpoint import LATEST, atomic_path, clean_debris, load_model, load_newest_resume, save_resume
 from minimind.config import ModelConfig
 from minimind.device import pick_device, pick_dtype
 from minimind.model import MiniMindForCausalLM
@@ -221,7 +221,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
     optimizer = make_optimizer(model, cfg, device)
     at = resume(cfg, model, stage, optimizer, scaler, plan, d, device, say)
     net = wrap(model, cfg, d, device)
-    loggers = start_run_dir(cfg, d)
+    loggers = start_run_dir(cfg, d, at.step)
     say(f"model: {model.config.name} {model.num_parameters():,} parameters | {device} "
         f"{str(plan.dtype).removeprefix('torch.')} | {d.world} process(es) x {cfg.batch_size} rows x {plan.accum} "
         f"accumulation = {plan.rows_per_step} rows/step | {plan.total} steps")
@@ -327,13 +327,15 @@ def resume(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizer: to
     the stage's state) and the position to go on from; else position 0."""
     checkpoints = cfg.run_dir / "checkpoints"
     if not cfg.resume:
-        if d.main and ((cfg.run_dir / "model").exists() or latest_resume(checkpoints) is not None):
+        if d.main and ((cfg.run_dir / "model").exists() or (checkpoints / LATEST).is_file()):
             say(f"note: {cfg.run_dir} already holds a run; starting afresh (use --resume to continue it)")
         return Position()
-    target = latest_resume(checkpoints)
-    if target is None:
+    if d.main:
+        clean_debris(checkpoints)
+    found = load_newest_resume(checkpoints, model, say)
+    if found is None:
         raise MiniMindError(f"{checkpoints}: no checkpoint to resume from")
-    trainer, state = load_resume(target, model)
+    target, trainer, state = found
     optimizer.load_state_dict(trainer["optimizer"])
     if scaler is not None and "scaler" in trainer:
         scaler.load_state_dict(trainer["scaler"])
@@ -362,15 +364,21 @@ def wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device
     return net
 
 
-def start_run_dir(cfg: TrainConfig, d: Dist) -> Loggers | None:
-    """The run directory with its resolved config.toml (a fresh run starts a fresh metrics.jsonl); rank 0's
-    loggers."""
+def start_run_dir(cfg: TrainConfig, d: Dist, resumed_step: int) -> Loggers | None:
+    """The run directory with its resolved config.toml and rank 0's loggers. A fresh run starts a fresh
+    metrics.jsonl; a resumed one keeps the records up to its checkpoint's step, since the steps after it run
+    again and would be logged twice (a line cut short by a kill goes too)."""
     if not d.main:
         return None
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+    metrics = cfg.run_dir / "metrics.jsonl"
     if not cfg.resume:
-        (cfg.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        metrics.unlink(missing_ok=True)
+    elif metrics.is_file():
+        kept = [r for r in metric_records(metrics) if r["step"] <= resumed_step]
+        with atomic_path(metrics) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     return Loggers(cfg, cfg.run_dir)
 
 
@@ -544,6 +552,19 @@ class Loggers:
         self.sinks.clear()
 
 
+def metric_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, less any line that is not a whole JSON object (one cut short by a kill)."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
 def plot_losses(metrics: Path, out: Path) -> None:
     if not metrics.is_file():
         return
@@ -552,7 +573,7 @@ def plot_losses(metrics: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = metric_records(metrics)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -31,6 +31,7 @@ from minimind.tools import CALCULATOR_TOOL
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
+KEY = {"Authorization": f"Bearer {API_KEY}"}
 TOOL = CALCULATOR_TOOL  # the real tool, so the web page can run the whole tool loop
 ASK = {"role": "user", "content": "What is 2 + 3?"}
 CALL = {"role": "assistant", "content": "",
@@ -251,6 +252,135 @@ def test_sampling_params_fill_what_the_request_omits():
     assert fields(p) == (1.0, 1.0, 0, 0.0, 1.0, 90)
 
 
+class SpyTokenizer:
+    """A tokenizer that notes the length of every text it tokenizes and whether the event loop ran it."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.seen = tok, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+    def _note(self, text: str) -> None:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.seen.append((len(text), on_loop))
+
+    def __call__(self, text, **kwargs):
+        self._note(text)
+        return self.tok(text, **kwargs)
+
+    def encode(self, text, **kwargs):
+        self._note(text)
+        return self.tok.encode(text, **kwargs)
+
+
+def error_of(r, status: int) -> dict:
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"}
+    return e
+
+
+def test_big_bodies_and_long_prompts_are_refused_before_tokenizing(tokenizer):
+    """A body over the cap gets 413 unread; a prompt too long for the context by its length alone gets 400
+    without being tokenized; prompts are tokenized off the event loop (a long one must not stall the rest)."""
+    from fastapi.testclient import TestClient
+
+    spy = SpyTokenizer(tokenizer)
+    app = create_app(small_model("llama", vocab_size=400), spy, max_body_bytes=100_000)
+    limit = app.state.max_prompt_chars
+    assert limit >= app.state.context == 512  # no text this long fits, whatever the tokenizer does with it
+    with TestClient(app) as c:
+        e = error_of(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 100_000}]}),
+                     413)
+        assert e["code"] == "request_too_large" and "100000 bytes" in e["message"]
+        e = error_of(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * limit}]}),
+                     400)
+        assert e["code"] == "context_length_exceeded" and e["param"] == "messages" and "characters" in e["message"]
+        e = error_of(c.post("/v1/completions", json={"prompt": ["king", "x" * (limit + 1)]}), 400)
+        assert e["code"] == "context_length_exceeded" and e["param"] == "prompt"
+        assert max(n for n, _ in spy.seen) < limit  # the long texts were never tokenized
+        spy.seen.clear()
+        ok = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "The king"}],
+                                                  "max_tokens": 2})
+        assert ok.status_code == 200 and c.post("/v1/completions", json={"prompt": "The king", "max_tokens": 2}
+                                                ).status_code == 200
+    assert len(spy.seen) >= 2 and not any(on_loop for _, on_loop in spy.seen)
+
+
+def test_hostile_bodies_get_openai_shaped_4xx(tokenizer):
+    from fastapi.testclient import TestClient
+
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    deep = "[" * 5000 + "]" * 5000
+    bodies = {
+        "deep messages": b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "deep but parseable": b'{"messages": [{"role": "user", "content": ' + b"[" * 500 + b"]" * 500 + b"}]}",
+        "5001 digits": b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5001 + b"}",
+        "deep tool_calls string": json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": deep}]}),
+        "deep arguments": json.dumps({"messages": [{"role": "assistant", "content": "",
+                                                    "tool_calls": [{"name": "f", "arguments": deep}]}]}),
+        "digits in arguments": json.dumps({"messages": [{"role": "assistant", "content": "",
+                                                         "tool_calls": '[{"name": "f", "arguments": {"x": '
+                                                                       + "1" * 5001 + "}}]"}]}),
+        "dict tool_choice": json.dumps({"messages": hi, "tools": [tool], "tool_choice": {"function": "f"}}),
+        "tool_choice list": json.dumps({"messages": hi, "tools": [tool], "tool_choice": {"function": ["f"]}}),
+        "tool shape": json.dumps({"messages": hi, "tools": [{"type": "function", "function": "f"}]}),
+        "tool without name": json.dumps({"messages": hi, "tools": [{"type": "function", "function": {"x": 1}}]}),
+        "message not an object": json.dumps({"messages": ["hi"]}),
+        "content an object": json.dumps({"messages": [{"role": "user", "content": {"a": 1}}]}),
+    }
+    app = create_app(small_model("llama", vocab_size=400), tokenizer)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        for what, body in bodies.items():
+            r = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500 and set(r.json()["error"]) == {"message", "type", "param", "code"}, \
+                (what, r.status_code, r.text[:200])
+        e = error_of(c.post("/v1/completions", content=b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                            headers={"Content-Type": "application/json"}), 400)
+        assert "nests deeper than 64" in e["message"]
+
+
+def test_the_key_guards_every_route_but_liveness_and_the_host_is_checked_without_one(tokenizer):
+    from fastapi.testclient import TestClient
+
+    from minimind.serve.api import _host_is_local
+
+    model = small_model("llama", vocab_size=400)
+    with TestClient(create_app(model, tokenizer, api_key=API_KEY, docs=True)) as c:
+        assert c.get("/health").json() == {"status": "ok"}  # liveness: nothing more without the key
+        assert c.get("/health", headers=KEY).json()["max_batch"] == 16
+        for path in ("/v1/models", "/docs", "/redoc", "/openapi.json"):
+            assert error_of(c.get(path), 401)["code"] == "invalid_api_key"
+        assert c.get("/openapi.json", headers=KEY).status_code == 200  # asked for: served, behind the key
+        body = json.dumps({"prompt": "The king", "max_tokens": 1})
+        for kind in ("text/plain", "application/x-www-form-urlencoded", None):  # what a cross-site form can send
+            headers = {**KEY, **({"Content-Type": kind} if kind else {})}
+            e = error_of(c.post("/v1/completions", content=body, headers=headers), 415)
+            assert e["code"] == "unsupported_media_type"
+        ok = {**KEY, "Content-Type": "application/json; charset=utf-8"}
+        assert c.post("/v1/completions", content=body, headers=ok).status_code == 200
+        assert c.get("/health", headers={**KEY, "Host": "evil.example"}).status_code == 200  # the key is enough
+    with TestClient(create_app(model, tokenizer)) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert c.get(path).status_code == 404  # off unless asked for
+        assert c.get("/health").json()["status"] == "ok"
+        e = error_of(c.get("/v1/models", headers={"Host": "evil.example"}), 421)  # DNS rebinding
+        assert e["code"] == "misdirected_request"
+        error_of(c.post("/v1/completions", json={"prompt": "The king"}, headers={"Host": "evil.example:80"}), 421)
+    loop4, loop6 = ("127.0.0.1", 8998), ("::1", 8998)
+    assert _host_is_local("127.0.0.1:8998", loop4) and _host_is_local("LocalHost:8998", loop4)
+    assert _host_is_local("[::1]:8998", loop6) and _host_is_local("localhost", loop6)
+    assert _host_is_local("10.0.0.5", ("10.0.0.5", 80)) and not _host_is_local("localhost", ("10.0.0.5", 80))
+    for host in ("evil.example:8998", "127.0.0.1.evil.example", "", "[::1", "127.0.0.2:8998"):
+        assert not _host_is_local(host, loop4), host
+
+
 # ---- the real server ------------------------------------------------------------------------------------
 
 
@@ -259,7 +389,7 @@ def test_models_and_health(client, server, chat_model_dir):
     assert [m.id for m in models] == [chat_model_dir.name]
     assert models[0].model_extra["context_length"] == 1024
     assert models[0].model_extra["sampling_defaults"] == sampling_defaults(chat_model_dir)  # save_model's 0.85/0.85
-    health = httpx.get(server + "/health").json()
+    health = httpx.get(server + "/health", headers=KEY).json()
     assert health["status"] == "ok" and health["max_batch"] == 16
 
 
@@ -465,7 +595,7 @@ def test_a_cancelled_request_stops_even_when_its_next_event_is_ready():
 
 def test_disconnect_frees_the_slot_at_once(server):
     h = {"Authorization": f"Bearer {API_KEY}"}
-    before = httpx.get(server + "/health").json()["steps"]
+    before = httpx.get(server + "/health", headers=KEY).json()["steps"]
     body = {"prompt": "The king", "max_tokens": 900, "stream": True, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", server + "/v1/completions", json=body, headers=h, timeout=60) as r:
         got = 0
@@ -474,13 +604,79 @@ def test_disconnect_frees_the_slot_at_once(server):
             if got >= 3:
                 break
     deadline = time.time() + 10
-    while (health := httpx.get(server + "/health").json())["running"] and time.time() < deadline:
+    while (health := httpx.get(server + "/health", headers=KEY).json())["running"] and time.time() < deadline:
         time.sleep(0.05)
     assert health["running"] == 0
     time.sleep(0.3)
-    after = httpx.get(server + "/health").json()["steps"]
+    after = httpx.get(server + "/health", headers=KEY).json()["steps"]
     assert after == health["steps"]  # nothing decodes any more
     assert after - before < 300  # it stopped long before its 900 tokens
+
+
+def test_a_non_streaming_request_stops_when_its_client_goes(server):
+    """A plain (non-streaming) request whose client disconnects leaves the batch at once: the server listens
+    for the disconnect while it decodes (it used to look only after a second without events)."""
+    import socket
+
+    before = httpx.get(server + "/health", headers=KEY).json()["steps"]
+    body = json.dumps({"prompt": "The king", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {API_KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(request)
+        for _ in range(2000):  # until it decodes
+            health = httpx.get(server + "/health", headers=KEY).json()
+            if health["running"] and health["steps"] > before + 3:
+                break
+            time.sleep(0.01)
+        assert health["running"] == 1
+        at_close = health["steps"]
+    for _ in range(200):
+        if not (health := httpx.get(server + "/health", headers=KEY).json())["running"]:
+            break
+        time.sleep(0.05)
+    assert health["running"] == 0
+    time.sleep(0.3)
+    after = httpx.get(server + "/health", headers=KEY).json()["steps"]
+    assert after == health["steps"]  # nothing decodes any more
+    assert after - at_close < 100  # it stopped at once (it used to run on: 500-900 steps here)
+
+
+def test_big_bodies_are_refused_by_the_real_server(server):
+    e = error_of(httpx.post(server + "/v1/chat/completions", content=b"x" * (5 << 20),
+                            headers={**KEY, "Content-Type": "application/json"}), 413)
+    assert "4194304 bytes" in e["message"]  # the default cap
+    assert httpx.get(server + "/health").json() == {"status": "ok"}
+
+
+def test_serve_flags_reach_the_app(chat_model_dir):
+    """--max-model-len, --default-max-tokens, --max-body-bytes and --docs; without --api-key, a Host that is
+    not the bound address gets 421."""
+    proc, url = start_server(chat_model_dir, "--max-model-len", "256", "--default-max-tokens", "7",
+                             "--max-body-bytes", "5000", "--docs")
+    try:
+        assert httpx.get(url + "/v1/models").json()["data"][0]["context_length"] == 256
+        msgs = [{"role": "user", "content": "Tell me about the king and the question"}]
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": msgs, "ignore_eos": True}, timeout=60).json()
+        assert r["usage"]["completion_tokens"] == 7
+        r = httpx.post(url + "/v1/completions", json={"prompt": "The king", "ignore_eos": True}, timeout=60).json()
+        assert r["usage"]["completion_tokens"] == 7
+        e = error_of(httpx.post(url + "/v1/chat/completions",
+                                json={"messages": [{"role": "user", "content": " ".join(["king"] * 300)}]}), 400)
+        assert "256" in e["message"] and e["code"] == "context_length_exceeded"
+        error_of(httpx.post(url + "/v1/completions", json={"prompt": "x" * 5000}), 413)
+        assert httpx.get(url + "/openapi.json").status_code == 200
+        port = url.rsplit(":", 1)[1]
+        error_of(httpx.get(url + "/v1/models", headers={"Host": f"evil.example:{port}"}), 421)
+        assert httpx.get(url + "/v1/models", headers={"Host": f"localhost:{port}"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    out = subprocess.run([sys.executable, "-m", "minimind", "serve", "--model", str(chat_model_dir), "--device",
+                          "cpu", "--max-model-len", "2048"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--max-model-len 2048: must be in [1, 1024]" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_sixteen_concurrent_streams_equal_single_requests(client, server):
@@ -507,4 +703,4 @@ def test_sixteen_concurrent_streams_equal_single_requests(client, server):
     for t in threads:
         t.join(120)
     assert outs == alone
-    assert httpx.get(server + "/health").json()["peak_batch"] >= 4  # they really were decoded together
+    assert httpx.get(server + "/health", headers=KEY).json()["peak_batch"] >= 4  # they really were decoded together

@@ -38,13 +38,10 @@ def start_api_thread(args: argparse.Namespace, host: str, port: int):
     """Run the API server in a background thread of this process; returns the uvicorn.Server once it listens."""
     import uvicorn
 
-    from minimind.generation import sampling_defaults
     from minimind.serve.api import create_app
 
     model, tokenizer = load_served_model(args)
-    app = create_app(model, tokenizer, name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
-                     max_batch=args.max_batch, max_queue=args.max_queue,
-                     sampling_defaults=sampling_defaults(args.model))
+    app = create_app(model, tokenizer, name=args.name or Path(args.model).resolve().name, **app_options(args, model))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, name="minimind-api", daemon=True).start()
     deadline = time.time() + 60
@@ -55,19 +52,34 @@ def start_api_thread(args: argparse.Namespace, host: str, port: int):
     return server
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
+def app_options(args: argparse.Namespace, model) -> dict:
+    """create_app's options from the flags, checked against the model."""
     from minimind.generation import sampling_defaults
+
+    context = model.config.max_position_embeddings
+    if args.max_model_len is not None and not 0 < args.max_model_len <= context:
+        raise MiniMindError(f"--max-model-len {args.max_model_len}: must be in [1, {context}] (the model's context)")
+    for flag in ("default_max_tokens", "max_body_bytes"):
+        if (value := getattr(args, flag)) is not None and value < 1:
+            raise MiniMindError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    return {"api_key": args.api_key, "max_batch": args.max_batch, "max_queue": args.max_queue,
+            "sampling_defaults": sampling_defaults(args.model), "max_model_len": args.max_model_len,
+            "default_max_tokens": args.default_max_tokens, "max_body_bytes": args.max_body_bytes,
+            "docs": args.docs}
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
     from minimind.serve.api import serve
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or os.environ.get("MINIMIND_API_KEY")):
         print(f"minimind: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     model, tokenizer = load_served_model(args)
+    options = app_options(args, model)
     name = args.name or Path(args.model).resolve().name
     print(f"minimind: serving {name} ({model.num_parameters() / 1e6:.1f}M parameters) at "
           f"http://{args.host}:{args.port}/v1 (max batch {args.max_batch})", file=sys.stderr)
-    serve(model, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
-          max_batch=args.max_batch, max_queue=args.max_queue, sampling_defaults=sampling_defaults(args.model))
+    serve(model, tokenizer, name, host=args.host, port=args.port, **options)
 
 
 def cmd_webui(args: argparse.Namespace) -> None:
@@ -105,10 +117,20 @@ def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
     add_model_flags(p, required)
     p.add_argument("--name", default=None, help="model id shown by /v1/models (default: the directory's name)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MINIMIND_API_KEY, else no auth)")
+                   help="require 'Authorization: Bearer KEY' on every route; /health without it answers only "
+                        "{\"status\": \"ok\"} (default: $MINIMIND_API_KEY, else no auth, and only requests "
+                        "whose Host is the bound address are served)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get HTTP 429")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context served, prompt plus completion, in tokens (default: the model's)")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="completion tokens for a request that sets no max_tokens (default: the model's "
+                        "max_new_tokens, else the rest of the context)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="larger request bodies get HTTP 413 (default: 4 MiB)")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

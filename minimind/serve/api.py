@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind.chat import AssistantParser, encode_chat
+from minimind.chat import AssistantParser, encode_chat, render
 from minimind.generation import Completion, SamplingParams
 from minimind.serve.scheduler import Event, QueueFull, Scheduler
 from minimind.serve.schemas import (
+    DEFAULT_MAX_BODY_BYTES,
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -33,6 +36,7 @@ from minimind.serve.schemas import (
     completion_prompts,
     new_id,
     parse_body,
+    prompt_too_long,
     sampling_params,
     sse,
     usage,
@@ -69,23 +73,68 @@ class Dispatcher:
             queue.put_nowait(item)
 
 
-class BearerAuth:
-    """ASGI middleware: /v1/* needs `Authorization: Bearer <key>` (compared in constant time). Plain ASGI, so
+class Guard:
+    """ASGI middleware in front of every route. With an API key: `Authorization: Bearer <key>` (compared in
+    constant time) on every route; without it /health answers only {"status": "ok"} (a liveness probe) and the
+    rest 401. Without a key: the Host header must name the address the connection came to, else a web page
+    could reach a loopback server under its own domain (DNS rebinding). POST bodies must be declared JSON: a
+    form or text/plain body is what a cross-site page can send without a CORS preflight. Plain ASGI, so
     streamed responses pass through untouched."""
 
-    def __init__(self, app, key: str) -> None:
-        self.app, self.key = app, key.encode()
+    def __init__(self, app, key: str | None) -> None:
+        self.app, self.key = app, key.encode() if key else None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            header = dict(scope["headers"]).get(b"authorization", b"")
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        if self.key is not None:
+            header = headers.get(b"authorization", b"")
             given = header[7:] if header[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(given, self.key):
-                error = APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                 type="authentication_error", code="invalid_api_key")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                if scope["path"] == "/health":
+                    return JSONResponse({"status": "ok"})
+                return APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                type="authentication_error", code="invalid_api_key").response()
+        elif not _host_is_local(headers.get(b"host", b"").decode("latin-1"), scope.get("server")):
+            return APIError(421, "the Host header does not name this server's address; to serve under other "
+                            "names, set an API key (--api-key)", code="misdirected_request").response()
+        if scope["method"] == "POST":
+            kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json" and not (kind.startswith(b"application/") and kind.endswith(b"+json")):
+                return APIError(415, "the request body must be JSON (Content-Type: application/json)",
+                                code="unsupported_media_type").response()
+        return None
+
+
+def _host_is_local(host: str, server: tuple | None) -> bool:
+    """Whether a Host header names `server`, the (address, port) the connection came to: that address itself,
+    or `localhost` when it is a loopback one. No address (a Unix socket): nothing to check against."""
+    if not server:
+        return True
+    try:
+        name = urlsplit("//" + host).hostname
+    except ValueError:  # a malformed port or IPv6 literal
+        return False
+    if name is None:
+        return False
+    if name == str(server[0]).lower():
+        return True
+    try:
+        address = ipaddress.ip_address(server[0])
+    except ValueError:
+        return False
+    if name == "localhost":
+        return address.is_loopback
+    try:
+        return ipaddress.ip_address(name) == address
+    except ValueError:
+        return False
 
 
 # ---- the app ------------------------------------------------------------------------------------------
@@ -93,25 +142,37 @@ class BearerAuth:
 
 def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, default_max_tokens: int | None = None,
-               sampling_defaults: dict | None = None) -> FastAPI:
-    """The API app. api_key (or $MINIMIND_API_KEY) turns on bearer-token auth for /v1/*. The scheduler thread
-    starts with the app and stops with it. default_max_tokens caps requests that set no max_tokens (None: the
-    model's max_new_tokens, else the rest of the context). sampling_defaults (generation.sampling_defaults of
-    the model directory) fills the sampling fields a request omits; None or {}: OpenAI's defaults."""
+               sampling_defaults: dict | None = None, max_model_len: int | None = None,
+               max_body_bytes: int | None = None, docs: bool = False) -> FastAPI:
+    """The API app. api_key (or $MINIMIND_API_KEY) turns on bearer-token auth for every route (see Guard). The
+    scheduler thread starts with the app and stops with it. default_max_tokens caps requests that set no
+    max_tokens (None: the model's max_new_tokens, else the rest of the context). sampling_defaults
+    (generation.sampling_defaults of the model directory) fills the sampling fields a request omits; None or
+    {}: OpenAI's defaults. max_model_len: the context served (prompt plus completion; None: the model's).
+    max_body_bytes: larger request bodies get 413 (None: DEFAULT_MAX_BODY_BYTES). docs: serve /docs, /redoc
+    and /openapi.json."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = FastAPI(title="minimind", lifespan=_lifespan)
+    context = model.config.max_position_embeddings
+    if max_model_len is not None and not 0 < max_model_len <= context:
+        raise ValueError(f"max_model_len {max_model_len} must be in [1, {context}] (the model's context)")
+    off = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="minimind", lifespan=_lifespan, **off)
     state = app.state
     state.model, state.tokenizer, state.name = model, tokenizer, name
     state.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     state.dispatcher = Dispatcher()
-    state.context = model.config.max_position_embeddings
+    state.context = max_model_len or context
+    state.max_body_bytes = max_body_bytes or DEFAULT_MAX_BODY_BYTES
+    # A token stands for at most this many characters, so a longer text cannot fit the context and is
+    # refused before it is tokenized. (The vocabulary's strings, byte-level, have one character per byte.)
+    state.max_prompt_chars = state.context * max(map(len, tokenizer.get_vocab()), default=1)
     state.created, state.parameters = int(time.time()), model.num_parameters()
     state.default_max_tokens, state.sampling_defaults = default_max_tokens, dict(sampling_defaults or {})
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http)
-    if api_key:
-        app.add_middleware(BearerAuth, key=api_key)
+    app.add_exception_handler(Exception, _internal)
+    app.add_middleware(Guard, key=api_key)
     app.include_router(router)
     return app
 
@@ -137,6 +198,11 @@ async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
     return APIError(e.status_code, str(e.detail), type=kind).response()
 
 
+async def _internal(request: Request, e: Exception) -> JSONResponse:
+    """A bug still answers in OpenAI's shape (the traceback goes to the server's log)."""
+    return APIError(500, f"internal error: {type(e).__name__}", type="server_error").response()
+
+
 @router.get("/health")
 async def health(request: Request) -> dict:
     state = request.app.state
@@ -155,10 +221,20 @@ async def models(request: Request) -> dict:
 async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingParams]]],
                    ignore_eos: bool = False) -> AsyncIterator[tuple[int, Event]]:
     """Submit jobs and yield (choice offset + index, event) until every choice is done. Cancels the jobs
-    when the consumer stops early (a client that went away)."""
+    when the consumer stops early, and the moment the client disconnects (streaming or not), so their rows
+    leave the batch at the next step."""
     scheduler, dispatcher = request.app.state.scheduler, request.app.state.dispatcher
     queue: asyncio.Queue = asyncio.Queue()
     submitted, offset = [], 0
+
+    def client_gone(watch: asyncio.Future) -> None:
+        if not watch.cancelled():
+            for job in submitted:
+                scheduler.cancel(job)
+            queue.put_nowait(None)  # wakes the loop below
+
+    gone = asyncio.ensure_future(_disconnect(request))
+    gone.add_done_callback(client_gone)
     try:
         for prompt, params in jobs:
             base = offset
@@ -177,7 +253,7 @@ async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingPa
         while remaining:
             item = await _get(queue, timeout=1.0)
             if item is None:
-                if await request.is_disconnected():
+                if gone.done():
                     return
                 continue
             base, ev = item
@@ -189,9 +265,16 @@ async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingPa
             if queue.empty():
                 yield -1, None  # caught up: a stream writes what it has gathered in one send
     finally:
+        gone.cancel()
         for job in submitted:
             if not job.done:
                 scheduler.cancel(job)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read: what the server receives next is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ---- chat ----
@@ -205,11 +288,7 @@ async def chat(request: Request):
         raise APIError(400, "messages must contain at least one message", param="messages",
                        code="empty_messages")
     thinking, tools = chat_options(req)
-    try:
-        ids, _ = encode_chat(state.tokenizer, req.messages, tools=tools, add_generation_prompt=True,
-                             enable_thinking=thinking)
-    except ValueError as e:
-        raise APIError(400, f"messages: {e}", param="messages") from None
+    ids = await asyncio.to_thread(_encode_messages, state, req.messages, tools, thinking)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults,
                              state.default_max_tokens)
@@ -274,6 +353,22 @@ async def chat(request: Request):
     return EventStream(stream(), events)
 
 
+def _encode_messages(state, messages: list[dict], tools: list[dict] | None, thinking: bool) -> list[int]:
+    """The prompt's token ids (run off the event loop: a long prompt takes a while to tokenize). A text too
+    long for the context by its length alone is refused before it is tokenized."""
+    try:
+        text = render(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking)
+        if len(text) > state.max_prompt_chars:
+            raise prompt_too_long(len(text), state.context, "messages")
+        ids, _ = encode_chat(state.tokenizer, messages, tools=tools, add_generation_prompt=True,
+                             enable_thinking=thinking)
+    except ValueError as e:  # a malformed message, or a number too long to convert in a tool call's JSON
+        raise APIError(400, f"messages: {e}", param="messages") from None
+    except RecursionError:  # a tool call's JSON string nested too deeply
+        raise APIError(400, "messages: nested too deeply", param="messages") from None
+    return ids
+
+
 # ---- plain completions ----
 
 
@@ -281,9 +376,12 @@ async def chat(request: Request):
 async def completions(request: Request):
     state = request.app.state
     req: CompletionRequest = await parse_body(request, CompletionRequest)
-    max_tokens = req.max_tokens if req.max_tokens is not None else state.sampling_defaults.get("max_new_tokens", 16)
+    max_tokens = req.max_tokens if req.max_tokens is not None else (
+        state.default_max_tokens or state.sampling_defaults.get("max_new_tokens", 16))
     jobs, texts = [], []
-    for ids, text in completion_prompts(req, state.tokenizer, state.model.config.vocab_size):
+    prompts = await asyncio.to_thread(lambda: list(completion_prompts(
+        req, state.tokenizer, state.model.config.vocab_size, state.max_prompt_chars, state.context)))
+    for ids, text in prompts:
         jobs.append((ids, sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults)))
         texts.append(text)
     n_prompt = sum(len(ids) for ids, _ in jobs)
@@ -408,12 +506,10 @@ async def _chain(first: Any, events: AsyncIterator) -> AsyncIterator:
         yield ev
 
 
-def serve(model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8998, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, log_level: str = "info",
-          sampling_defaults: dict | None = None) -> None:
-    """Run the API server in the foreground (Ctrl-C stops it)."""
+def serve(model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8998, log_level: str = "info",
+          **options: Any) -> None:
+    """Run the API server in the foreground (Ctrl-C stops it). options: create_app's."""
     import uvicorn
 
-    app = create_app(model, tokenizer, name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     sampling_defaults=sampling_defaults)
+    app = create_app(model, tokenizer, name=name, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

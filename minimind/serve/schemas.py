@@ -84,15 +84,52 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
 
 
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 32k-token context of CJK text is about 0.4 MB
+MAX_JSON_DEPTH = 64  # a tool's JSON schema nests a few levels; nobody's nests 64
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; one over `limit` bytes answers 413 before more of it is read."""
+    too_big = APIError(413, f"the request body is larger than {limit} bytes (the server's --max-body-bytes)",
+                       code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_depth(data: Any) -> int:
+    """How deeply arrays and objects nest in data (iterative: any depth is measured safely)."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
-    """The request's JSON body validated against schema; a malformed or invalid body answers 400."""
-    raw = await request.body()
+    """The request's JSON body validated against schema; a malformed or invalid body answers 400, one larger
+    than the app's max_body_bytes 413."""
+    raw = await read_body(request, request.app.state.max_body_bytes)
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # bad JSON or UTF-8, or an integer of more than 4,300 digits
         raise APIError(400, f"malformed JSON in the request body: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         return schema.model_validate(data)
     except Exception as e:  # pydantic.ValidationError
@@ -106,23 +143,46 @@ def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
     thinking = bool(kwargs.get("enable_thinking", kwargs.get("open_thinking", False))
                     or req.enable_thinking or req.open_thinking)
     tools = req.tools or None
+    for i, tool in enumerate(tools or []):
+        if not isinstance(_function_name(tool), str):
+            raise APIError(400, f'tools.{i} must be {{"type": "function", "function": {{"name": ...}}}}',
+                           param=f"tools.{i}")
     if tools is None or req.tool_choice == "none":
         return thinking, None
     if isinstance(req.tool_choice, dict):  # a named function: offer only that one
-        wanted = (req.tool_choice.get("function") or {}).get("name")
-        tools = [t for t in tools if (t.get("function") or t).get("name") == wanted] or tools
+        wanted = _function_name(req.tool_choice)
+        if not isinstance(wanted, str):
+            raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                           '"function": {"name": ...}}', param="tool_choice")
+        tools = [t for t in tools if _function_name(t) == wanted] or tools
     return thinking, tools
 
 
-def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int) -> Iterator[tuple[list[int], str]]:
+def _function_name(tool: dict) -> Any:
+    """The name of an OpenAI {"type": "function", "function": {"name": ...}} or a bare {"name": ...}; None
+    when it has neither shape."""
+    fn = tool.get("function") or tool
+    return fn.get("name") if isinstance(fn, dict) else None
+
+
+def prompt_too_long(chars: int, context: int, param: str) -> APIError:
+    """The 400 for a prompt text that no tokenization could fit in the context (told by its length alone)."""
+    return APIError(400, f"the prompt has {chars} characters, more than this model's context of {context} tokens "
+                    f"can hold", param=param, code="context_length_exceeded")
+
+
+def completion_prompts(req: CompletionRequest, tokenizer, vocab_size: int, max_chars: int,
+                       context: int) -> Iterator[tuple[list[int], str]]:
     """(token ids, text) of each prompt of a completions request (a string, strings, or token ids), each
-    checked as it is reached."""
+    checked as it is reached; a string longer than max_chars is refused before it is tokenized."""
     prompts = req.prompt
     if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
         prompts = [prompts]
     if not prompts:
         raise APIError(400, "prompt must not be empty", param="prompt")
     for p in prompts:
+        if isinstance(p, str) and len(p) > max_chars:
+            raise prompt_too_long(len(p), context, "prompt")
         ids = list(p) if isinstance(p, list) else tokenizer.encode(p, add_special_tokens=False)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")

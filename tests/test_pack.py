@@ -345,3 +345,26 @@ def test_a_huge_line_is_cut_before_it_is_tokenized(tokenizer, tmp_path, monkeypa
         # The text itself is held a few times over; its million-odd token ids and offsets (about 100 bytes
         # each as Python objects) must never be.
         assert peak < 12 * src.stat().st_size, peak
+
+
+def test_a_huge_pretrain_document_is_tokenized_in_pieces(tokenizer, tmp_path, monkeypatch):
+    import tracemalloc
+
+    # Pieces of 1,000 characters and a flush every 5,000: the rows must still be the whole document's tokens,
+    # and its several hundred thousand tokens must never be Python objects all at once.
+    monkeypatch.setattr(packing, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(packing, "ENCODE_BATCH_CHARS", 5000)
+    rng = random.Random(6)
+    words = [w for line in CORPUS for w in line.split()] + ["x2y", "don't", "3.14", "中文"]
+    docs = [{"text": "short one"}, {"text": " ".join(rng.choices(words, k=300_000))}, {"text": "short two"}]
+    src = write_jsonl(tmp_path / "pre.jsonl", docs)
+    tracemalloc.start()
+    ds = pack(src, tokenizer, "pretrain", 64, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    encoded = [tokenizer(d["text"], add_special_tokens=False)["input_ids"] for d in docs]
+    stream = [t for ids in encoded for t in (1, *ids, 2)]
+    assert np.concatenate([ds[i][0] for i in range(len(ds))]).tolist() == stream[: len(ds) * 64]
+    assert (ds.stats.documents, ds.stats.longest) == (3, len(encoded[1]) + 2)
+    assert ds.stats.tokens + ds.stats.dropped_tokens == len(stream)
+    assert peak < 8 * src.stat().st_size, peak

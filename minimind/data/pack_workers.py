@@ -127,14 +127,31 @@ class _Encoding(NamedTuple):
     offsets: list[tuple[int, int]]
 
 
+def _spans(text: str, specials: list[str]) -> Iterator[tuple[int, int]]:
+    """[start, end) pieces of about PIECE_CHARS covering the text, cut only where a letter or digit meets a
+    character of another class outside a special token: byte-level BPE pre-tokenizers (GPT-2's, Qwen's,
+    MiniMind's) split there anyway, so the pieces tokenize to exactly the whole text's tokens. A text with
+    no such place is one piece."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        for p in range(start + PIECE_CHARS, len(text)):
+            kind = unicodedata.category(text[p - 1])[0]
+            if kind in "LN" and unicodedata.category(text[p])[0] != kind \
+                    and not any(text.find(s, p - len(s) + 1, p + len(s) - 1) >= 0 for s in specials):
+                break
+        else:
+            break
+        yield start, p
+        start = p
+    yield start, len(text)
+
+
 class _RowEncoder:
     """The tokenizer view an SFT row is encoded through: it keeps the first `limit` tokens (with offsets) and
-    only counts the rest, so a row's memory is bounded by seq_len, not by its line. The text is tokenized in
-    pieces of about PIECE_CHARS, cut only where a letter or digit meets a character of another class outside
-    a special token: the pre-tokenizer splits there anyway, so the pieces give exactly the whole text's tokens.
-    With drop_think, every empty think block is deleted from the text first (as MiniMind does to 80% of its
-    SFT samples) and offsets are reported in the original text; encode_chat's character spans then still
-    mark the right tokens, as the blocks lie inside assistant spans."""
+    only counts the rest, so a row's memory is bounded by seq_len, not by its line (the text is tokenized in
+    the pieces of _spans). With drop_think, every empty think block is deleted from the text first (as
+    MiniMind does to 80% of its SFT samples) and offsets are reported in the original text; encode_chat's
+    character spans then still mark the right tokens, as the blocks lie inside assistant spans."""
 
     def __init__(self, tokenizer: Tokenizer, limit: int, specials: list[str]):
         self.tokenizer, self.limit, self.specials = tokenizer, limit, specials
@@ -151,16 +168,13 @@ class _RowEncoder:
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         self.count = 0
-        start = 0
-        while start < len(kept):
-            end = self._cut(kept, start + PIECE_CHARS)
+        for start, end in _spans(kept, self.specials):
             enc = self.tokenizer.encode(kept[start:end], add_special_tokens=add_special_tokens)
             room = self.limit - len(ids)
             if room > 0:
                 ids += enc.ids[:room]
                 offsets += [(s + start, e + start) for s, e in enc.offsets[:room]]
             self.count += len(enc.ids)
-            start = end
         if self.drop_think:
             width = len(EMPTY_THINK)
 
@@ -173,15 +187,6 @@ class _RowEncoder:
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[_Encoding]:
         return [self.encode(t, add_special_tokens) for t in texts]
 
-    def _cut(self, text: str, at: int) -> int:
-        """The first safe cut at or after `at` (the end of the text if there is none)."""
-        for p in range(max(at, 1), len(text)):
-            kind = unicodedata.category(text[p - 1])[0]
-            if kind in "LN" and unicodedata.category(text[p])[0] != kind \
-                    and not any(text.find(s, p - len(s) + 1, p + len(s) - 1) >= 0 for s in self.specials):
-                return p
-        return len(text)
-
 
 class _Packer:
     """Tokenizes one job into shard files: `<number>.ids` (uint16), and `<number>.mask` (uint8) for SFT."""
@@ -192,8 +197,9 @@ class _Packer:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.bos, self.eos = self.tokenizer.token_to_id(BOS), self.tokenizer.token_to_id(EOS)
-        specials = [t["content"] for t in json.loads(plan.tokenizer_json).get("added_tokens", [])]
-        self.row_encoder = _RowEncoder(self.tokenizer, plan.seq_len, specials)
+        self.specials = [t["content"] for t in json.loads(plan.tokenizer_json).get("added_tokens", [])]
+        self.row_encoder = _RowEncoder(self.tokenizer, plan.seq_len, self.specials)
+        self.doc_tokens = 0  # pretrain: tokens so far of the document whose pieces are being encoded
 
     def _items(self, job: _Job, result: _Result) -> Iterator[tuple[int, int, dict | ValueError]]:
         """(local line, byte offset, normalised row or the problem) for each non-blank line of the range."""
@@ -229,7 +235,7 @@ class _Packer:
         sft = plan.kind == "sft"
         ids: list[int] = []
         mask: list[int] = []
-        texts: list[str] = []
+        texts: list[tuple[str, bool, bool]] = []  # pretrain pieces: (text, first of its document, last)
         lengths: list[int] = []
         stats = result.stats
         pending_chars = 0  # pretrain text waiting for encode_batch
@@ -255,26 +261,34 @@ class _Packer:
                 stats.documents += 1
                 if sft:
                     lengths.append(self._add_conversation(row, offset, ids, mask, stats))
-                else:
-                    texts.append(row["text"])
-                    pending_chars += len(row["text"])
-                if pending_chars >= ENCODE_BATCH_CHARS or len(ids) >= FLUSH_TOKENS:
+                else:  # a long document goes in pieces, so its tokens never sit in memory all at once
+                    text = row["text"]
+                    for start, end in _spans(text, self.specials):
+                        texts.append((text[start:end], start == 0, end == len(text)))
+                        pending_chars += end - start
+                        if pending_chars >= ENCODE_BATCH_CHARS:
+                            flush()
+                if len(ids) >= FLUSH_TOKENS:
                     flush()
             flush()
         if sft:
             result.lengths = np.array(lengths, dtype=np.int64)
         return result
 
-    def _encode_texts(self, texts: list[str], ids: list[int], stats: PackStats) -> None:
-        """Pretrain: each document as [bos] + ids + [eos], appended to the running stream."""
+    def _encode_texts(self, texts: list[tuple[str, bool, bool]], ids: list[int], stats: PackStats) -> None:
+        """Pretrain: each document as [bos] + ids + [eos], appended to the running stream, from its pieces."""
         if not texts:
             return
-        for enc in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False):
-            doc = enc.ids
-            ids.append(self.bos)
-            ids.extend(doc)
-            ids.append(self.eos)
-            stats.longest = max(stats.longest, len(doc) + 2)
+        encodings = self.tokenizer.encode_batch_fast([text for text, _, _ in texts], add_special_tokens=False)
+        for (_, first, last), enc in zip(texts, encodings):
+            if first:
+                ids.append(self.bos)
+                self.doc_tokens = 0
+            ids.extend(enc.ids)
+            self.doc_tokens += len(enc.ids)
+            if last:
+                ids.append(self.eos)
+                stats.longest = max(stats.longest, self.doc_tokens + 2)
 
     def _add_conversation(self, row: dict, offset: int, ids: list[int], mask: list[int], stats: PackStats) -> int:
         """SFT: one conversation (augmented as MiniMind does) as one row, truncated to seq_len; its length."""

@@ -173,7 +173,7 @@ class _RowEncoder:
             room = self.limit - len(ids)
             if room > 0:
                 ids += enc.ids[:room]
-                offsets += [(s + start, e + start) for s, e in enc.offsets[:room]]
+                offsets += [(s + start, e + start) for s, e in enc.offsets[:room]] if start else enc.offsets[:room]
             self.count += len(enc.ids)
         if self.drop_think:
             width = len(EMPTY_THINK)

@@ -272,3 +272,13 @@ def test_cli_check(tmp_path, tokenizer):
 
     proc = minimind("data", "check", str(tmp_path / "missing.jsonl"))
     assert proc.returncode == 2 and "missing.jsonl: no such file" in proc.stderr
+
+
+def test_deeply_nested_line_is_a_bad_line_not_a_crash(tmp_path):
+    deep = '{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    f = write(tmp_path / "deep.jsonl", conv(U, A), deep)
+    _, bad = problems(f, "sft")
+    assert bad == [f"{f}:2: invalid JSON: arrays or objects nested too deeply"]
+    proc = minimind("data", "check", str(f))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{f}:2: invalid JSON: arrays or objects nested too deeply" in proc.stdout.splitlines()

@@ -299,3 +299,72 @@ def test_user_errors(tokenizer, tmp_path):
     big = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     with pytest.raises(MiniMindError, match="uint16"):
         pack(src, big, "pretrain", 64, cache_dir=tmp_path)
+
+
+def test_deeply_nested_line_names_file_and_line_or_is_skipped(tokenizer, tmp_path):
+    src = tmp_path / "deep.jsonl"
+    write_jsonl(src, conversations(3))
+    with src.open("a") as f:
+        f.write('{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(MiniMindError, match=r"deep.jsonl:4: invalid JSON: arrays or objects nested too deeply"):
+        pack(src, tokenizer, "sft", 64, cache_dir=tmp_path / "c1", workers=1, progress=False)
+    ds = pack(src, tokenizer, "sft", 64, cache_dir=tmp_path / "c2", workers=1, progress=False, skip_bad=True)
+    assert (len(ds), ds.stats.skipped_bad) == (3, 1)
+
+
+def test_empty_file_is_a_clear_error(tokenizer, tmp_path):
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(b"")
+    for kind in ("pretrain", "sft"):
+        with pytest.raises(MiniMindError, match=r"empty.jsonl: the file is empty"):
+            pack(src, tokenizer, kind, 64, cache_dir=tmp_path, progress=False)
+
+
+def test_a_huge_line_is_cut_before_it_is_tokenized(tokenizer, tmp_path, monkeypatch):
+    import tracemalloc
+
+    # Letters, digits, spaces, punctuation, CJK and special tokens, in a few MB: the pieces must tokenize to
+    # exactly the whole text's tokens, or the row and the counts would differ from encoding then truncating.
+    rng = random.Random(5)
+    words = [w for line in CORPUS for w in line.split()] + ["x2y", "don't", "3.14", "中文", "<|im_end|>"]
+    user = " ".join(rng.choices(words, k=400_000))
+    conv = [{"role": "user", "content": "Summarise."}, {"role": "assistant", "content": "Sure."},
+            {"role": "user", "content": user}, {"role": "assistant", "content": "ok"}]
+    src = write_jsonl(tmp_path / "huge.jsonl", [{"conversations": conv}])
+    assert src.stat().st_size > 2_000_000
+    want_ids, want_mask = encode_chat(tokenizer, conv)
+    for seq_len, piece in ((64, packing.PIECE_CHARS), (3000, 1000)):  # the second spans many pieces
+        monkeypatch.setattr(packing, "PIECE_CHARS", piece)
+        tracemalloc.start()
+        ds = pack(src, tokenizer, "sft", seq_len, cache_dir=tmp_path / str(seq_len), workers=1, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        ids, mask = ds[0]
+        assert ids.tolist() == want_ids[:seq_len] and mask.tolist() == want_mask[:seq_len]
+        assert (ds.stats.longest, ds.stats.dropped_tokens) == (len(want_ids), len(want_ids) - seq_len)
+        # The text itself is held a few times over; its million-odd token ids and offsets (about 100 bytes
+        # each as Python objects) must never be.
+        assert peak < 12 * src.stat().st_size, peak
+
+
+def test_a_huge_pretrain_document_is_tokenized_in_pieces(tokenizer, tmp_path, monkeypatch):
+    import tracemalloc
+
+    # Pieces of 1,000 characters and a flush every 5,000: the rows must still be the whole document's tokens,
+    # and its several hundred thousand tokens must never be Python objects all at once.
+    monkeypatch.setattr(packing, "PIECE_CHARS", 1000)
+    monkeypatch.setattr(packing, "ENCODE_BATCH_CHARS", 5000)
+    rng = random.Random(6)
+    words = [w for line in CORPUS for w in line.split()] + ["x2y", "don't", "3.14", "中文"]
+    docs = [{"text": "short one"}, {"text": " ".join(rng.choices(words, k=300_000))}, {"text": "short two"}]
+    src = write_jsonl(tmp_path / "pre.jsonl", docs)
+    tracemalloc.start()
+    ds = pack(src, tokenizer, "pretrain", 64, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    encoded = [tokenizer(d["text"], add_special_tokens=False)["input_ids"] for d in docs]
+    stream = [t for ids in encoded for t in (1, *ids, 2)]
+    assert np.concatenate([ds[i][0] for i in range(len(ds))]).tolist() == stream[: len(ds) * 64]
+    assert (ds.stats.documents, ds.stats.longest) == (3, len(encoded[1]) + 2)
+    assert ds.stats.tokens + ds.stats.dropped_tokens == len(stream)
+    assert peak < 8 * src.stat().st_size, peak

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from minimind import MiniMindError
 from minimind.tokenizer import save_tokenizer
 from minimind.train.config import TrainConfig, load_config
-from minimind.train.loop import global_rows, learning_rate, train
+from minimind.train.loop import Position, epoch_order, global_rows, learning_rate, make_plan, next_batches, train
 from minimind.train.pretrain import PretrainStage
+from minimind.train.stage import Dist
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,67 @@ def test_length_grouping_keeps_each_epoch_a_permutation_and_steps_tight():
     # Step order is still random: the mean length of consecutive steps is not sorted.
     means = [lengths[step].mean() for step in steps[:32]]
     assert means != sorted(means)
+
+
+class RowNumbers:
+    """Rows that are their own index, of the given lengths; collated, a micro-batch is its list of rows."""
+
+    def __init__(self, lengths):
+        self._lengths = lengths
+
+    def __len__(self):
+        return len(self._lengths)
+
+    def __getitem__(self, i):
+        return i
+
+    def lengths(self):
+        return self._lengths
+
+    def collate(self, rows):
+        return rows
+
+
+def rows_seen(cfg, data, world, steps):
+    """The rows a run of `world` processes consumes in `steps` steps, in data order (micro-batch, then rank)."""
+    d = Dist()
+    d.world = world
+    plan = make_plan(cfg, data, d, torch.device("cpu"))
+    at, seen = Position(), []
+    for _ in range(steps):
+        by_rank = []
+        for d.rank in range(world):
+            by_rank.append(next_batches(cfg, data, data, plan, at, d))
+        seen += [row for m in range(plan.accum) for rank in range(world) for row in by_rank[rank][m]]
+        at.step, at.samples = at.step + 1, at.samples + plan.rows_per_step
+    return seen
+
+
+def test_length_grouped_order_is_the_same_for_any_number_of_processes():
+    # global_batch_tokens = 0: a step is batch_size rows per process, so rows per step follow the process count;
+    # a run resumed under another count must still read the rows in the same order.
+    data = RowNumbers(np.random.default_rng(1).integers(10, 500, size=300))
+    cfg = TrainConfig(batch_size=4, seed=3)
+    one = rows_seen(cfg, data, 1, 160)
+    assert sorted(one[:300]) == list(range(300))  # still a permutation per epoch
+    assert rows_seen(cfg, data, 2, 80) == one
+    assert rows_seen(cfg, data, 4, 40) == one
+    assert rows_seen(TrainConfig(batch_size=4, seed=3, seq_len=64, global_batch_tokens=8 * 4 * 64), data, 2, 20) == one
+    # Each micro-batch (what is padded) holds rows of similar length.
+    spread = np.mean([np.ptp(data.lengths()[one[i:i + 4]]) for i in range(0, 300, 4)])
+    assert spread < 0.25 * np.mean([np.ptp(data.lengths()[i:i + 4]) for i in range(0, 300, 4)])
+
+
+def test_order_cache_follows_the_lengths_not_their_id():
+    # Arrays freed and allocated in turn often share an id: a cache keyed by id() would hand back the order
+    # grouped by the first array's lengths.
+    rng = np.random.default_rng(2)
+    first = epoch_order(200, 0, 1, rng.integers(10, 500, size=200), 4).clone()
+    lengths = rng.integers(10, 500, size=200)
+    second = epoch_order(200, 0, 1, lengths.copy(), 4).clone()
+    epoch_order(201, 0, 1)  # another key empties the one-epoch cache
+    fresh = epoch_order(200, 0, 1, lengths.copy(), 4)
+    assert torch.equal(second, fresh) and not torch.equal(first, fresh)
 
 
 def test_config_from_toml_and_overrides(tmp_path):
@@ -230,6 +292,35 @@ def test_ddp_two_processes_match_one_and_resume_across_world_sizes(corpus, tmp_p
     assert "1 process(es) then, 2 now" in proc.stdout
     run_cli("train", "pretrain", *settings(corpus, tmp_path / "ref", **longer))
     assert losses(tmp_path / "one")[-3:] == pytest.approx(losses(tmp_path / "ref")[-3:], rel=1e-4)
+
+
+def test_ddp_sft_with_padding_and_accumulation_matches_one_process_and_resumes_under_one(corpus, tmp_path):
+    # Conversations of many lengths, so micro-batches are padded and hold different numbers of loss tokens: the
+    # loss must be the sum over the global batch / its tokens, not a mean of micro-batch means.
+    rng = np.random.default_rng(4)
+    chats = [{"conversations": [{"role": "user", "content": rng.choice(CORPUS)[: rng.integers(3, 30)]},
+                                {"role": "assistant", "content": rng.choice(CORPUS)[: rng.integers(3, 30)]}]}
+             for _ in range(60)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    # One validation row: the second process gets no validation batch and must not wait on the first.
+    (tmp_path / "val.jsonl").write_text(json.dumps({"conversations": [{"role": "user", "content": "2 + 2?"},
+                                                                      {"role": "assistant", "content": "4"}]}) + "\n")
+    opts = dict(data=tmp_path / "sft.jsonl", val_data=tmp_path / "val.jsonl", eval_every=3, seq_len=96, steps=6,
+                batch_size=2, global_batch_tokens=8 * 96, save_every=3, warmup_steps=1, min_lr_ratio=1.0,
+                dropout=0.0)
+    run_cli("train", "sft", *settings(corpus, tmp_path / "one", **opts))
+    torchrun(2, "train", "sft", *settings(corpus, tmp_path / "two", **opts))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert metric(tmp_path / "two", "val_loss") == pytest.approx(metric(tmp_path / "one", "val_loss"), rel=1e-4)
+    assert len(metric(tmp_path / "one", "val_loss")) == 2 and metric(tmp_path / "one", "val_loss")[0] > 0
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # The two-process checkpoint continues in one process, at the same row of the same order.
+    longer = dict(opts, steps=9)
+    proc = run_cli("train", "sft", *settings(corpus, tmp_path / "two", **longer), "--resume")
+    assert "2 process(es) then, 1 now" in proc.stdout
+    run_cli("train", "sft", *settings(corpus, tmp_path / "ref", **longer))
+    assert losses(tmp_path / "two")[-3:] == pytest.approx(losses(tmp_path / "ref")[-3:], rel=1e-4)
 
 
 def test_time_budget_shortens_the_run(corpus, tmp_path):

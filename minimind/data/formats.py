@@ -208,6 +208,8 @@ def decode_line(raw: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:  # the decoder recurses once per level: a hostile line must not crash the reader
+        raise ValueError("invalid JSON: arrays or objects nested too deeply") from None
 
 
 def _text_documents(path: Path) -> Iterator[tuple[int, str | ValueError]]:

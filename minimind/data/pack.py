@@ -159,6 +159,8 @@ def pack(source: str | Path, tokenizer: Any, kind: str, seq_len: int, *, cache_d
     source = Path(source)
     if not source.is_file():
         raise MiniMindError(f"{source}: no such file")
+    if source.stat().st_size == 0:
+        raise MiniMindError(f"{source}: the file is empty; there is nothing to train on")
     is_text = source.suffix.lower() in TEXT_SUFFIXES
     if is_text and kind != "pretrain":
         raise MiniMindError(f"{source}: a {source.suffix} file can only hold pretrain text, not {kind} rows")

@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import time
+import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1  # bump when the files or their meaning change: old caches th
 MAX_CHUNK_BYTES = 16 << 20  # per job: bounds a worker's memory whatever the file size
 FLUSH_TOKENS = 1 << 20  # a worker writes its shard in pieces of about this many tokens
 ENCODE_BATCH_CHARS = 1 << 20  # pretrain texts handed to encode_batch at once
+PIECE_CHARS = 1 << 16  # an SFT row's text is tokenized in pieces of about this many characters
 KEPT_BAD_LINES = 20  # bad lines remembered in meta.json (all are counted)
 SKIP_HINT = "(use --skip-bad to skip bad lines)"
 
@@ -125,28 +127,62 @@ class _Encoding(NamedTuple):
     offsets: list[tuple[int, int]]
 
 
-class _DropEmptyThink:
-    """A tokenizer view that deletes every empty think block from the text before tokenizing (as MiniMind does
-    to 80% of its SFT samples) and reports offsets in the original text. encode_chat's character spans then
-    still mark the right tokens: the blocks lie inside assistant spans, so no boundary moves."""
+def _spans(text: str, specials: list[str]) -> Iterator[tuple[int, int]]:
+    """[start, end) pieces of about PIECE_CHARS covering the text, cut only where a letter or digit meets a
+    character of another class outside a special token: byte-level BPE pre-tokenizers (GPT-2's, Qwen's,
+    MiniMind's) split there anyway, so the pieces tokenize to exactly the whole text's tokens. A text with
+    no such place is one piece."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        for p in range(start + PIECE_CHARS, len(text)):
+            kind = unicodedata.category(text[p - 1])[0]
+            if kind in "LN" and unicodedata.category(text[p])[0] != kind \
+                    and not any(text.find(s, p - len(s) + 1, p + len(s) - 1) >= 0 for s in specials):
+                break
+        else:
+            break
+        yield start, p
+        start = p
+    yield start, len(text)
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+
+class _RowEncoder:
+    """The tokenizer view an SFT row is encoded through: it keeps the first `limit` tokens (with offsets) and
+    only counts the rest, so a row's memory is bounded by seq_len, not by its line (the text is tokenized in
+    the pieces of _spans). With drop_think, every empty think block is deleted from the text first (as
+    MiniMind does to 80% of its SFT samples) and offsets are reported in the original text; encode_chat's
+    character spans then still mark the right tokens, as the blocks lie inside assistant spans."""
+
+    def __init__(self, tokenizer: Tokenizer, limit: int, specials: list[str]):
+        self.tokenizer, self.limit, self.specials = tokenizer, limit, specials
+        self.drop_think = False
+        self.count = 0  # tokens the last text gave in all, kept or not
 
     def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
-        pieces = text.split(EMPTY_THINK)
+        pieces = text.split(EMPTY_THINK) if self.drop_think else [text]
         kept_starts, pos = [], 0  # where piece i starts in the kept text; it starts i blocks later originally
         for piece in pieces:
             kept_starts.append(pos)
             pos += len(piece)
-        enc = self.tokenizer.encode("".join(pieces), add_special_tokens=add_special_tokens)
-        width = len(EMPTY_THINK)
+        kept = "".join(pieces)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        self.count = 0
+        for start, end in _spans(kept, self.specials):
+            enc = self.tokenizer.encode(kept[start:end], add_special_tokens=add_special_tokens)
+            room = self.limit - len(ids)
+            if room > 0:
+                ids += enc.ids[:room]
+                offsets += [(s + start, e + start) for s, e in enc.offsets[:room]] if start else enc.offsets[:room]
+            self.count += len(enc.ids)
+        if self.drop_think:
+            width = len(EMPTY_THINK)
 
-        def original(p: int) -> int:
-            return p + (bisect_right(kept_starts, p) - 1) * width
+            def original(p: int) -> int:
+                return p + (bisect_right(kept_starts, p) - 1) * width
 
-        offsets = [(original(s), original(e - 1) + 1 if e > s else original(s)) for s, e in enc.offsets]
-        return _Encoding(list(enc.ids), offsets)
+            offsets = [(original(s), original(e - 1) + 1 if e > s else original(s)) for s, e in offsets]
+        return _Encoding(ids, offsets)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[_Encoding]:
         return [self.encode(t, add_special_tokens) for t in texts]
@@ -161,7 +197,9 @@ class _Packer:
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.bos, self.eos = self.tokenizer.token_to_id(BOS), self.tokenizer.token_to_id(EOS)
-        self.drop_think = _DropEmptyThink(self.tokenizer)
+        self.specials = [t["content"] for t in json.loads(plan.tokenizer_json).get("added_tokens", [])]
+        self.row_encoder = _RowEncoder(self.tokenizer, plan.seq_len, self.specials)
+        self.doc_tokens = 0  # pretrain: tokens so far of the document whose pieces are being encoded
 
     def _items(self, job: _Job, result: _Result) -> Iterator[tuple[int, int, dict | ValueError]]:
         """(local line, byte offset, normalised row or the problem) for each non-blank line of the range."""
@@ -197,7 +235,7 @@ class _Packer:
         sft = plan.kind == "sft"
         ids: list[int] = []
         mask: list[int] = []
-        texts: list[str] = []
+        texts: list[tuple[str, bool, bool]] = []  # pretrain pieces: (text, first of its document, last)
         lengths: list[int] = []
         stats = result.stats
         pending_chars = 0  # pretrain text waiting for encode_batch
@@ -223,47 +261,54 @@ class _Packer:
                 stats.documents += 1
                 if sft:
                     lengths.append(self._add_conversation(row, offset, ids, mask, stats))
-                else:
-                    texts.append(row["text"])
-                    pending_chars += len(row["text"])
-                if pending_chars >= ENCODE_BATCH_CHARS or len(ids) >= FLUSH_TOKENS:
+                else:  # a long document goes in pieces, so its tokens never sit in memory all at once
+                    text = row["text"]
+                    for start, end in _spans(text, self.specials):
+                        texts.append((text[start:end], start == 0, end == len(text)))
+                        pending_chars += end - start
+                        if pending_chars >= ENCODE_BATCH_CHARS:
+                            flush()
+                if len(ids) >= FLUSH_TOKENS:
                     flush()
             flush()
         if sft:
             result.lengths = np.array(lengths, dtype=np.int64)
         return result
 
-    def _encode_texts(self, texts: list[str], ids: list[int], stats: PackStats) -> None:
-        """Pretrain: each document as [bos] + ids + [eos], appended to the running stream."""
+    def _encode_texts(self, texts: list[tuple[str, bool, bool]], ids: list[int], stats: PackStats) -> None:
+        """Pretrain: each document as [bos] + ids + [eos], appended to the running stream, from its pieces."""
         if not texts:
             return
-        for enc in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False):
-            doc = enc.ids
-            ids.append(self.bos)
-            ids.extend(doc)
-            ids.append(self.eos)
-            stats.longest = max(stats.longest, len(doc) + 2)
+        encodings = self.tokenizer.encode_batch_fast([text for text, _, _ in texts], add_special_tokens=False)
+        for (_, first, last), enc in zip(texts, encodings):
+            if first:
+                ids.append(self.bos)
+                self.doc_tokens = 0
+            ids.extend(enc.ids)
+            self.doc_tokens += len(enc.ids)
+            if last:
+                ids.append(self.eos)
+                stats.longest = max(stats.longest, self.doc_tokens + 2)
 
     def _add_conversation(self, row: dict, offset: int, ids: list[int], mask: list[int], stats: PackStats) -> int:
         """SFT: one conversation (augmented as MiniMind does) as one row, truncated to seq_len; its length."""
         plan = self.plan
         messages, tools = row["messages"], row["tools"]
-        tokenizer: Any = self.tokenizer
+        encoder = self.row_encoder
+        encoder.drop_think = False
         if plan.system_prompt_prob > 0 or plan.keep_empty_think_prob < 1:
             # Seeded by the line's byte offset: the same draw whatever the chunking or the worker count.
             rng = random.Random(f"{plan.seed}:{offset}")
             add_system, prompt, keep_think = rng.random(), rng.choice(SYSTEM_PROMPTS), rng.random()
             if add_system < plan.system_prompt_prob and not tools and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": prompt}, *messages]
-            if keep_think >= plan.keep_empty_think_prob:
-                tokenizer = self.drop_think
-        row_ids, row_mask = encode_chat(tokenizer, messages, tools)
-        n = len(row_ids)
+            encoder.drop_think = keep_think >= plan.keep_empty_think_prob
+        row_ids, row_mask = encode_chat(encoder, messages, tools)  # at most seq_len tokens
+        n = encoder.count
         stats.longest = max(stats.longest, n)
         if n > plan.seq_len:
             stats.truncated += 1
             stats.dropped_tokens += n - plan.seq_len
-            row_ids, row_mask = row_ids[: plan.seq_len], row_mask[: plan.seq_len]
         kept_loss = sum(row_mask)
         stats.loss_tokens += kept_loss
         stats.no_loss_rows += kept_loss == 0

@@ -76,42 +76,47 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-GROUP_STEPS = 32  # length grouping sorts within windows of this many steps: order stays random across them
-_order_cache: dict[tuple, torch.Tensor] = {}
+GROUP_WINDOW = 64  # length grouping sorts within windows of this many groups: order stays random across them
+# The one epoch order in use, with the lengths array it was grouped by: held, so that array's id cannot be
+# reused by another one, and compared by identity (hashing a large array every step would cost more).
+_order_cache: dict[tuple, tuple[np.ndarray | None, torch.Tensor]] = {}
 
 
 def epoch_order(n_rows: int, epoch: int, seed: int, lengths: np.ndarray | None = None,
-                step_rows: int = 0) -> torch.Tensor:
-    """One epoch's seeded shuffle of the rows. Given row lengths, rows of similar length are grouped into the
-    same step (sorted within windows of GROUP_STEPS steps, then the steps shuffled), so a padded batch wastes
-    little on padding, as transformers' group_by_length does."""
-    key = (n_rows, epoch, seed, id(lengths), step_rows)
-    if key not in _order_cache:
+                group_rows: int = 0) -> torch.Tensor:
+    """One epoch's seeded shuffle of the rows. Given row lengths, rows of similar length are put in the same
+    group of group_rows rows (sorted within windows of GROUP_WINDOW groups, then the groups shuffled), so a
+    padded batch wastes little on padding, as transformers' group_by_length does."""
+    key = (n_rows, epoch, seed, group_rows if lengths is not None else 0)
+    cached = _order_cache.get(key)
+    if cached is None or cached[0] is not lengths:
         g = torch.Generator().manual_seed(seed * 1000003 + epoch)
         order = torch.randperm(n_rows, generator=g)
-        if lengths is not None and step_rows > 0:
-            window = step_rows * GROUP_STEPS
+        if lengths is not None and group_rows > 0:
+            window = group_rows * GROUP_WINDOW
             pieces = []
             for lo in range(0, n_rows, window):
                 chunk = order[lo:lo + window]
                 chunk = chunk[torch.from_numpy(np.argsort(np.asarray(lengths)[chunk.numpy()], kind="stable"))]
-                steps = list(chunk.split(step_rows))
-                pieces += [steps[i] for i in torch.randperm(len(steps), generator=g).tolist()]
+                groups = list(chunk.split(group_rows))
+                pieces += [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
             order = torch.cat(pieces)
         _order_cache.clear()  # the loop walks epochs in order: one cached epoch is enough
-        _order_cache[key] = order
-    return _order_cache[key]
+        _order_cache[key] = cached = (lengths, order)
+    return cached[1]
 
 
-def global_rows(n_rows: int, start: int, count: int, seed: int, lengths: np.ndarray | None = None) -> list[int]:
+def global_rows(n_rows: int, start: int, count: int, seed: int, lengths: np.ndarray | None = None,
+                group_rows: int | None = None) -> list[int]:
     """Rows `start .. start+count` of the endless sequence of epochs, each epoch its own seeded shuffle
-    (grouped by length when `lengths` is given, with `count` rows per step). The position is counted in rows,
-    so a run resumes at the same row with any number of processes."""
+    (grouped by length when `lengths` is given, group_rows rows to a group, by default `count`). The position
+    is counted in rows and the order depends on group_rows, not on the rows per step, so a run resumes at the
+    same row of the same order with any number of processes (the loop groups by micro-batch: batch_size)."""
     out: list[int] = []
-    step_rows = count
+    group_rows = group_rows or count
     while count > 0:
         epoch, offset = divmod(start, n_rows)
-        take = epoch_order(n_rows, epoch, seed, lengths, step_rows)[offset:offset + count].tolist()
+        take = epoch_order(n_rows, epoch, seed, lengths, group_rows)[offset:offset + count].tolist()
         out += take
         start += len(take)
         count -= len(take)
@@ -249,7 +254,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
         if at.step % cfg.log_every == 0 or last or at.step == clock.start_step + 1:
             log_step(at.step, plan.total, train_loss, lr, grad_norm, extras, fpt / peak, clock, device, bar, loggers)
         if val is not None and ((cfg.eval_every and at.step % cfg.eval_every == 0) or last):
-            val_loss = evaluate(net, stage, val, cfg, device, autocast, d)
+            val_loss = evaluate(model, stage, val, cfg, device, autocast, d)
             bar.write(f"step {at.step}/{plan.total} | validation loss {val_loss:.4f}")
             if loggers:
                 loggers.log({"step": at.step, "val_loss": round(val_loss, 6)})
@@ -398,7 +403,8 @@ def fit_to_budget(cfg: TrainConfig, plan: Plan, at: Position, clock: Clock, d: D
 
 def next_batches(cfg: TrainConfig, stage: Stage, data: Any, plan: Plan, at: Position, d: Dist) -> list[Batch]:
     """This process's micro-batches of the next step: its share of the next rows_per_step rows of the data."""
-    rows = global_rows(len(data), at.samples, plan.rows_per_step, cfg.seed, plan.lengths)
+    # Grouped by micro-batch, the unit that is padded: the order is then the same whatever the process count.
+    rows = global_rows(len(data), at.samples, plan.rows_per_step, cfg.seed, plan.lengths, cfg.batch_size)
     micro = []
     for m in range(plan.accum):
         lo = (m * d.world + d.rank) * cfg.batch_size
@@ -457,15 +463,18 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, tokenizer, stage: Stage, lo
 
 
 @torch.no_grad()
-def evaluate(net, stage, data, cfg: TrainConfig, device, autocast, d: Dist) -> float:
-    """Mean loss per token over the first eval_batches x batch_size rows (the same rows every time)."""
-    net.eval()
+def evaluate(model, stage, data, cfg: TrainConfig, device, autocast, d: Dist) -> float:
+    """Mean loss per token over the first eval_batches x batch_size rows (the same rows every time).
+
+    `model` is the unwrapped model, not DDP: DDP broadcasts buffers on each forward, and a process with no
+    validation batch would leave the others waiting in that broadcast."""
+    model.eval()
     n = min(len(data), cfg.eval_batches * cfg.batch_size)
     total, count = 0.0, 0
     for lo in range(d.rank * cfg.batch_size, n, cfg.batch_size * d.world):
         batch = stage.collate([data[i] for i in range(lo, min(lo + cfg.batch_size, n))])
         with autocast:
-            loss, tokens, _ = stage.loss(net, {k: v.to(device) for k, v in batch.items()})
+            loss, tokens, _ = stage.loss(model, {k: v.to(device) for k, v in batch.items()})
         total += float(loss)
         count += tokens
     return d.sum(total) / max(d.sum(count), 1)

@@ -156,7 +156,13 @@ class _RowEncoder:
     def __init__(self, tokenizer: Tokenizer, limit: int, specials: list[str]):
         self.tokenizer, self.limit, self.specials = tokenizer, limit, specials
         self.drop_think = False
-        self.count = 0  # tokens the last text gave in all, kept or not
+        self.start_row()
+
+    def start_row(self) -> None:
+        """A new row: encode_chat may call encode several times for one row (text around a special token that a
+        message holds is encoded in pieces), so the limit and the count run over the whole row."""
+        self.count = 0  # tokens the row's text gave in all, kept or not
+        self.kept = 0
 
     def encode(self, text: str, add_special_tokens: bool = False) -> _Encoding:
         pieces = text.split(EMPTY_THINK) if self.drop_think else [text]
@@ -167,13 +173,13 @@ class _RowEncoder:
         kept = "".join(pieces)
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        self.count = 0
         for start, end in _spans(kept, self.specials):
             enc = self.tokenizer.encode(kept[start:end], add_special_tokens=add_special_tokens)
-            room = self.limit - len(ids)
+            room = self.limit - self.kept
             if room > 0:
                 ids += enc.ids[:room]
                 offsets += [(s + start, e + start) for s, e in enc.offsets[:room]] if start else enc.offsets[:room]
+                self.kept += min(room, len(enc.ids))
             self.count += len(enc.ids)
         if self.drop_think:
             width = len(EMPTY_THINK)
@@ -295,6 +301,7 @@ class _Packer:
         plan = self.plan
         messages, tools = row["messages"], row["tools"]
         encoder = self.row_encoder
+        encoder.start_row()
         encoder.drop_think = False
         if plan.system_prompt_prob > 0 or plan.keep_empty_think_prob < 1:
             # Seeded by the line's byte offset: the same draw whatever the chunking or the worker count.

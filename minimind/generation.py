@@ -89,7 +89,9 @@ class Sampler:
         col = lambda name, dtype=torch.float32: torch.tensor(  # noqa: E731
             [getattr(p, name) for p in params], dtype=dtype, device=device)[:, None]
         self.temperature, self.top_p, self.min_p = col("temperature"), col("top_p"), col("min_p")
-        self.top_k, self.penalty = col("top_k", torch.long), col("repetition_penalty")
+        self.penalty = col("repetition_penalty")
+        # top_k beyond the vocabulary means "off"; clamped here, so no k can overflow a long tensor
+        self.top_k = torch.tensor([min(p.top_k, vocab_size) for p in params], device=device)[:, None]
         self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
         self.generators = []
         for p in params:
@@ -116,9 +118,11 @@ class Sampler:
         self._summarize()
 
     def extend(self, other: Sampler) -> None:
-        """Append the rows of another sampler (new requests join a running batch with their own settings)."""
-        for name in self._ROW_TENSORS:
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        """Append the rows of another sampler (new requests join a running batch with their own settings).
+        All or nothing: if a concatenation fails (out of memory), this sampler is left as it was."""
+        joined = {name: torch.cat([getattr(self, name), getattr(other, name)]) for name in self._ROW_TENSORS}
+        for name, value in joined.items():
+            setattr(self, name, value)
         self.generators += other.generators
         self._summarize()
 
@@ -131,13 +135,26 @@ class Sampler:
         self.seen |= counts > 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        tokens, ok = self.sample(logits)
+        if not bool(ok.all()):
+            raise ValueError(f"the next-token scores of row {int((~ok).nonzero()[0])} are NaN or infinite: the "
+                             f"model's weights or the sampling settings are broken")
+        return tokens
+
+    def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token of each row [B] and whether the row's scores made a distribution [B] (bool). A row
+        with NaN or infinite scores (broken weights, a penalty that rounds to 0) gets False and an arbitrary
+        token, and cannot disturb the other rows: the server fails that request alone."""
         logits = logits.float()
         if self.any_penalty:
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             logits = torch.where(self.seen, penalised, logits)
+        # -inf alone is a legal score (never pick it); NaN, +inf or nothing finite is no distribution.
+        ok = ~(logits.isnan() | (logits == float("inf"))).any(-1) & logits.isfinite().any(-1)
+        logits = torch.where(ok[:, None], logits, 0.0)  # uniform: multinomial never sees NaN (a device assert)
         best = logits.argmax(-1)
         if bool(self.greedy.all()):
-            return best
+            return best, ok
         logits = logits / self.temperature.clamp(min=1e-6)
         if self.any_top_k:
             k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1]).clamp(max=logits.shape[-1])
@@ -153,7 +170,7 @@ class Sampler:
             probs = probs.masked_fill(probs < self.min_p * probs.max(-1, keepdim=True).values, 0.0)
         picked = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
                               for i, g in enumerate(self.generators)])
-        return torch.where(self.greedy, best, picked)
+        return torch.where(self.greedy, best, picked), ok
 
 
 class Detokenizer:

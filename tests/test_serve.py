@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover
 
 from minimind.chat import AssistantParser, encode_chat, parse_assistant, render
 from minimind.commands.serve import free_port
-from minimind.generation import SamplingParams, generate, sampling_defaults
+from minimind.generation import Sampler, SamplingParams, generate, sampling_defaults
 from minimind.serve.api import _get, create_app
 from minimind.serve.scheduler import Scheduler
 from minimind.serve.schemas import new_id
@@ -215,16 +215,183 @@ def test_continuous_batching_decodes_each_row_as_if_alone():
     assert sched.peak_batch == 5
 
 
-def test_full_queue_answers_429_in_openai_shape(tokenizer):
+@pytest.fixture
+def idle_app(tokenizer, monkeypatch):
+    """An app whose scheduler never runs (so its queue stays as a test fills it): max_batch 1, max_queue 1."""
+    monkeypatch.setattr(Scheduler, "start", lambda self: None)
+    return create_app(small_model("llama"), tokenizer, max_batch=1, max_queue=1)
+
+
+def test_full_queue_answers_429_in_openai_shape(idle_app):
     from fastapi.testclient import TestClient
 
-    app = create_app(small_model("llama"), tokenizer, max_batch=1, max_queue=0)
-    with TestClient(app) as c:
+    with TestClient(idle_app) as c:
+        idle_app.state.scheduler.submit([5], [SamplingParams()], emit=lambda ev: None)  # the queue is full
         r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
         assert r.status_code == 429
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and "retry" in err["message"]
         assert err["code"] == "queue_full"
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(idle_app):
+    """It could never be queued at once, so "retry later" would be a lie."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(idle_app) as c:
+        r = c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("prompt", "too_many_prompts") and "--max-queue" in err["message"]
+
+
+def test_cancelled_queued_jobs_neither_count_nor_block_the_head():
+    model = small_model("qwen3", seed=3)
+    model.config.eos_token_id = -1
+    sched = Scheduler(model, None, max_batch=2, max_queue=1)
+    job = sched.submit([5, 6], [SamplingParams(max_new_tokens=2)], emit=lambda ev: None)
+    sched.cancel(job)
+    done = threading.Event()
+    # The cancelled job left its place: the next one is queued, not refused with 429.
+    long = sched.submit([5, 6], [SamplingParams(max_new_tokens=400, temperature=0)], emit=lambda ev: None)
+    sched.start()
+    try:
+        for _ in range(6000):  # until it is decoding: one of the two slots is taken
+            if long.results[0].token_ids:
+                break
+            time.sleep(0.01)
+        # A cancelled head that needs both slots must not hold back a job that fits the free one.
+        head = sched.submit([5, 6], [SamplingParams(max_new_tokens=2)] * 2, emit=lambda ev: None)
+        sched.cancel(head)
+        short = sched.submit([7, 8], [SamplingParams(max_new_tokens=3, temperature=0)],
+                             emit=lambda ev: done.set() if ev.kind == "done" else None)
+        assert done.wait(60)
+        assert len(short.results[0].token_ids) == 3
+        assert not long.done  # the short job ran alongside, not after the 400-token one
+    finally:
+        sched.stop()
+
+
+@pytest.mark.parametrize("flag", ["--max-queue", "--max-batch"])
+def test_serve_rejects_zero_limits(flag, tmp_path, capsys):
+    from minimind import cli
+
+    assert cli.main(["serve", "--model", str(tmp_path), flag, "0"]) == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_sampling_fields_are_bounded(tokenizer):
+    """Out-of-range sampling fields are a 400 naming the field (they used to fail every running request);
+    a top_k beyond the vocabulary means "off"; at most 4 stop strings of sane length (OpenAI's limit)."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(small_model("llama"), tokenizer, max_batch=4)
+    bad = [("seed", 2**64), ("seed", -2**63 - 1), ("repetition_penalty", 1e-50), ("repetition_penalty", 100),
+           ("temperature", 2.5), ("top_p", 0), ("min_p", 1.5), ("top_k", -1), ("frequency_penalty", 3),
+           ("n", 129), ("stop", ["a", "b", "c", "d", "e"]), ("stop", "x" * 257)]
+    with TestClient(app) as c:
+        for field, value in bad:
+            r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2, field: value})
+            assert r.status_code == 400, (field, value, r.text)
+            assert r.json()["error"]["param"] == field, (field, value)
+        ok = [("seed", 2**63 - 1), ("seed", -2**63), ("top_k", 2**63), ("repetition_penalty", 0.01),
+              ("stop", ["a", "b", "c", "d"]), ("stop", "x" * 256)]
+        for field, value in ok:
+            r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2, "n": 2, field: value})
+            assert r.status_code == 200, (field, value, r.text)
+            assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 2
+
+
+POISON = 310  # a prompt token the fault-injection tests pick out; the other prompts are drawn below it
+
+
+def _fault_isolation(model, prompts, params):
+    """Run prompts[0] (already decoding when the others come), then prompts[1] (the faulty one) and prompts[2]
+    (innocent), admitted in one step, on one scheduler; return (jobs, events of each job, peak batch)."""
+    sched = Scheduler(model, None, max_batch=8, max_queue=8)
+    events: list[list] = [[] for _ in prompts]
+    ends = threading.Semaphore(0)
+
+    def emitter(k):
+        def emit(ev):
+            events[k].append(ev)
+            if ev.kind in ("done", "error"):
+                ends.release()
+        return emit
+
+    jobs = [sched.submit(prompts[0], [params[0]], emitter(0))]
+    sched.start()
+    try:
+        for _ in range(6000):  # until it is decoding
+            if len(jobs[0].results[0].token_ids) >= 2:
+                break
+            time.sleep(0.01)
+        with sched.cond:  # both wait when the scheduler looks next: they are prefilled together
+            jobs += [sched.submit(p, [sp], emitter(k + 1)) for k, (p, sp) in enumerate(zip(prompts[1:], params[1:]))]
+        for _ in prompts:
+            assert ends.acquire(timeout=60)
+    finally:
+        sched.stop()
+    return jobs, events, sched.peak_batch
+
+
+def _fault_setup():
+    model = small_model("qwen3", seed=3)
+    model.config.eos_token_id = -1
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, POISON, (n,), generator=gen).tolist() for n in (7, 12, 5)]
+    prompts[1][3] = POISON
+    params = [SamplingParams(max_new_tokens=30, temperature=0), SamplingParams(max_new_tokens=8, temperature=1.0),
+              SamplingParams(max_new_tokens=10, temperature=1.0, top_k=40, seed=5)]
+    return model, prompts, params
+
+
+def test_a_prefill_that_raises_fails_its_request_alone(monkeypatch):
+    """Out of memory while prefilling one request: that request gets an error, the one prefilled with it is
+    retried alone and decodes as if alone, and the running one goes on."""
+    model, prompts, params = _fault_setup()
+    alone = [generate(model, None, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    real, poisoned = model.forward, []
+
+    def forward(ids, *args, **kwargs):
+        if ids.shape[1] > 1 and bool((ids == POISON).any()):
+            poisoned.append(ids.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    jobs, events, peak = _fault_isolation(model, prompts, params)
+    assert [ev.kind for ev in events[0]] == [ev.kind for ev in events[2]] == ["done"]
+    assert [jobs[0].results[0].token_ids, jobs[2].results[0].token_ids] == [alone[0], alone[2]]
+    assert [ev.kind for ev in events[1]] == ["error"] and "OutOfMemoryError" in events[1][0].text
+    assert poisoned == [2, 1]  # together, then alone
+    assert peak == 2  # the innocent request joined while the long one was decoding
+
+
+@pytest.mark.parametrize("fault", ["nan_scores", "sampler_raises"])
+def test_a_row_whose_sampling_fails_fails_its_request_alone(fault, monkeypatch):
+    """A row whose scores are NaN/inf (a repetition_penalty that rounds to 0) or whose sampling raises fails its
+    request; the others, seeded sampling included, decode exactly as alone."""
+    model, prompts, params = _fault_setup()
+    alone = [generate(model, None, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    if fault == "nan_scores":
+        params[1] = SamplingParams(max_new_tokens=8, temperature=1.0, repetition_penalty=1e-50)
+    else:
+        params[1] = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=7)
+        real = Sampler.sample
+
+        def sample(self, logits):
+            if bool((self.top_k == 7).any()):
+                raise RuntimeError("injected sampling fault")
+            return real(self, logits)
+
+        monkeypatch.setattr(Sampler, "sample", sample)
+    jobs, events, peak = _fault_isolation(model, prompts, params)
+    assert [ev.kind for ev in events[0]] == [ev.kind for ev in events[2]] == ["done"]
+    assert [jobs[0].results[0].token_ids, jobs[2].results[0].token_ids] == [alone[0], alone[2]]
+    assert [ev.kind for ev in events[1]] == ["error"]
+    assert ("NaN or infinite" if fault == "nan_scores" else "injected sampling fault") in events[1][0].text
+    assert peak == 3  # all three decoded together until the faulty row's sampling failed
 
 
 def test_sampling_params_fill_what_the_request_omits():

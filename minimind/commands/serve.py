@@ -25,6 +25,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_limits(args: argparse.Namespace) -> None:
+    """--max-batch and --max-queue must be at least 1 (a queue of 0 would refuse every request with 429)."""
+    for flag in ("max_batch", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise MiniMindError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+
+
 def load_served_model(args: argparse.Namespace):
     """Model and tokenizer for --model (with --lora applied), on --device in --dtype."""
     if getattr(args, "threads", 0):
@@ -40,6 +47,7 @@ def start_api_thread(args: argparse.Namespace, host: str, port: int):
 
     from minimind.serve.api import create_app
 
+    check_limits(args)
     model, tokenizer = load_served_model(args)
     app = create_app(model, tokenizer, name=args.name or Path(args.model).resolve().name, **app_options(args, model))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
@@ -71,6 +79,7 @@ def app_options(args: argparse.Namespace, model) -> dict:
 def cmd_serve(args: argparse.Namespace) -> None:
     from minimind.serve.api import serve
 
+    check_limits(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or os.environ.get("MINIMIND_API_KEY")):
         print(f"minimind: warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)

@@ -224,6 +224,9 @@ async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingPa
     when the consumer stops early, and the moment the client disconnects (streaming or not), so their rows
     leave the batch at the next step."""
     scheduler, dispatcher = request.app.state.scheduler, request.app.state.dispatcher
+    if len(jobs) > scheduler.max_queue:  # could never be queued at once: no point in "retry later"
+        raise APIError(400, f"this request has {len(jobs)} prompts; the server queues at most "
+                       f"{scheduler.max_queue} (its --max-queue)", param="prompt", code="too_many_prompts")
     queue: asyncio.Queue = asyncio.Queue()
     submitted, offset = [], 0
 

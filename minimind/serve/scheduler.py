@@ -8,6 +8,7 @@ together; a new request joins at the next step, a finished or cancelled one leav
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import threading
 import time
@@ -20,6 +21,10 @@ from minimind.generation import Completion, RowState, Sampler, SamplingParams, l
 from minimind.model import KVCache, MiniMindForCausalLM
 
 log = logging.getLogger("minimind.serve")
+
+
+NOT_A_DISTRIBUTION = ("generation failed: the next-token scores are NaN or infinite (the model's weights or this "
+                      "request's sampling settings are broken)")
 
 
 class QueueFull(Exception):
@@ -47,6 +52,7 @@ class Job:
     results: list[Completion] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past the end token (benchmarks, vLLM's `ignore_eos`)
     cancelled: bool = False
+    error: str | None = None  # why it failed (its "error" event went out); the other jobs go on
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None  # perf_counter time of the first sampled token
 
@@ -70,8 +76,8 @@ class Scheduler:
     settings travel per row in THE Sampler (Sampler.extend/keep)."""
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 1:  # a queue of 0 would refuse every request
+            raise ValueError("max_batch and max_queue must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.model.embed_tokens.weight.device
@@ -121,9 +127,11 @@ class Scheduler:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Drop a job (its client went away): it leaves the batch before the next step."""
+        """Drop a job (its client went away): it leaves the batch before the next step, or the queue at once
+        (so it neither holds a place in --max-queue nor blocks the head of the queue)."""
         with self.cond:
             job.cancelled = True
+            self.waiting = collections.deque(j for j in self.waiting if j is not job)
             self.cond.notify_all()
 
     def stats(self) -> dict:
@@ -144,11 +152,10 @@ class Scheduler:
                         return
                     gone = [i for i, r in enumerate(self.rows) if r.job.cancelled]
                     admitted, free = [], self.max_batch - len(self.rows) + len(gone)
-                    while self.waiting and len(self.waiting[0].params) <= free:
+                    while self.waiting and len(self.waiting[0].params) <= free:  # cancelled jobs are not here
                         job = self.waiting.popleft()
-                        if not job.cancelled:
-                            admitted.append(job)
-                            free -= len(job.params)
+                        admitted.append(job)
+                        free -= len(job.params)
                 try:
                     if gone:
                         self._drop(gone)
@@ -156,13 +163,30 @@ class Scheduler:
                         self._admit(admitted)
                     if self.rows:
                         self._step()
-                except Exception as e:  # a bug or out-of-memory: fail the running jobs, keep serving
+                except Exception as e:  # a bug, or out of memory in the batch's shared state: keep serving
                     log.exception("decoding step failed")
-                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}", admitted)
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the new prompts together (left-padded, once for all n choices of a job) and join the
-        running batch. Padding is masked, so each prompt's logits are those it would get alone."""
+        """Prefill the new jobs together and join the running batch. If the prefill raises (out of memory, a
+        request's settings), each job is tried alone: the one at fault fails alone, the others join."""
+        try:
+            prefilled = self._prefill(jobs)
+        except Exception as e:
+            if len(jobs) > 1:
+                log.warning("prefill of %d requests failed (%s); trying each alone", len(jobs), e)
+                for job in jobs:
+                    self._admit([job])
+                return
+            log.exception("prefill failed")
+            self._fail(jobs, f"generation failed: {type(e).__name__}: {e}")
+            return
+        self._join(*prefilled)
+
+    def _prefill(self, jobs: list[Job]) -> tuple[KVCache, torch.Tensor, Sampler, list[_Row]]:
+        """The new prompts prefilled together (left-padded, once for all n choices of a job), with their
+        sampler and rows; the running batch is not touched. Padding is masked, so each prompt's logits are
+        those it would get alone."""
         ids, mask = left_pad([j.prompt for j in jobs], self.model.config.pad_token_id, self.device)
         cache = self.model.new_cache(len(jobs), ids.shape[1])
         logits = self.model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
@@ -177,10 +201,15 @@ class Scheduler:
             stops = set() if job.ignore_eos else self.stops
             rows += [_Row(job, i, RowState(self.tokenizer, p, job.results[i], stops))
                      for i, p in enumerate(job.params)]
+        return cache, logits, sampler, rows
+
+    def _join(self, cache: KVCache, logits: torch.Tensor, sampler: Sampler, rows: list[_Row]) -> None:
+        """Add prefilled rows to the running batch (the fallible allocations first, while nothing changed)."""
         if self.rows:
+            logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
             self.cache.join(cache, extra=1)
             self.sampler.extend(sampler)
-            self.logits = torch.cat([self.logits, logits.to(self.logits.dtype)])
+            self.logits = logits
         else:
             self.cache, self.sampler, self.logits = cache, sampler, logits
         with self.cond:
@@ -192,13 +221,18 @@ class Scheduler:
         self._drop([i for i, r in enumerate(self.rows) if not r.state.active])
 
     def _step(self) -> None:
-        """Sample one token for every row, hand out the text, drop finished rows, run the model once."""
-        tokens = self.sampler(self.logits)
+        """Sample one token for every row, hand out the text, drop finished rows, run the model once. A row
+        whose sampling fails fails its job (all its choices) alone."""
+        tokens, failures = self._sample()
         self.sampler.observe(tokens[:, None])
         now = time.perf_counter()
+        failed = {id(self.rows[i].job): (self.rows[i].job, message) for i, message in failures.items()}
         finished = []
         for i, (row, t) in enumerate(zip(self.rows, tokens.tolist())):
             job = row.job
+            if id(job) in failed:
+                finished.append(i)
+                continue
             if job.first_token is None:
                 job.first_token = now
             for piece in row.state.feed(t):
@@ -210,9 +244,42 @@ class Scheduler:
         if finished:
             tokens = tokens[[i for i in range(len(self.rows)) if i not in set(finished)]]
             self._drop(finished)
+        for job, message in failed.values():
+            self._fail([job], message)  # its rows left with `finished`
         if self.rows:
             self.cache.reserve(1)
             self.logits = self.model(tokens[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
+
+    def _sample(self) -> tuple[torch.Tensor, dict[int, str]]:
+        """The next token of every row and {row: why} for the rows whose sampling failed. If the batch's
+        sampling raises, each row is sampled alone, so one row's fault cannot take the others down."""
+        try:
+            tokens, ok = self.sampler.sample(self.logits)
+        except Exception:
+            log.exception("sampling the batch failed; sampling each row alone")
+        else:
+            return tokens, {i: NOT_A_DISTRIBUTION for i, good in enumerate(ok.tolist()) if not good}
+        picked, failures = [], {}
+        for i in range(len(self.rows)):
+            one = copy.copy(self.sampler)  # keep() replaces its tensors, so the batch's sampler is untouched
+            one.keep([i])
+            try:
+                token, ok = one.sample(self.logits[i:i + 1])
+                picked.append(int(token[0]))
+                if not bool(ok[0]):
+                    failures[i] = NOT_A_DISTRIBUTION
+            except Exception as e:
+                picked.append(0)
+                failures[i] = f"generation failed: {type(e).__name__}: {e}"
+        return torch.tensor(picked, dtype=torch.long, device=self.device), failures
+
+    def _fail(self, jobs: list[Job], message: str) -> None:
+        """Fail these jobs alone: their rows leave the batch and each gets an "error" event."""
+        ids = {id(j) for j in jobs}
+        self._drop([i for i, r in enumerate(self.rows) if id(r.job) in ids])
+        for job in jobs:
+            job.error = message
+            job.emit(Event("error", -1, message))
 
     def _drop(self, gone: list[int]) -> None:
         if not gone:
@@ -228,10 +295,14 @@ class Scheduler:
         self.sampler.keep(keep)
         self.logits = self.logits[keep]
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, admitted: list[Job]) -> None:
+        """The batch's shared state broke: fail every running job and every job popped for admission that has
+        no answer yet (none is left waiting for ever)."""
         jobs = {id(r.job): r.job for r in self.rows}
+        jobs.update({id(j): j for j in admitted if j.error is None and not j.done})
         with self.cond:
             self.rows = []
         self.cache = self.sampler = self.logits = None
         for job in jobs.values():
+            job.error = message
             job.emit(Event("error", -1, message))

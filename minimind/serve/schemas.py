@@ -48,20 +48,23 @@ def validation_error(errors: list[dict]) -> APIError:
 
 # ---- request schemas (unknown fields are allowed, as OpenAI clients send extras; known ones are typed) ----
 
+MAX_STOP = 4  # stop strings per request, as OpenAI allows: each is checked against every new token
+MAX_STOP_CHARS = 256
+
 
 class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=0)  # extensions (vLLM's names); the sampler clamps it to the vocabulary
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)  # it divides the scores: keep it off 0
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM (torch's seeds take 64 bits)
     n: int = Field(1, ge=1, le=128)
     ignore_eos: bool = False  # extension (vLLM's): generate max_tokens tokens whatever the model says
     stream: bool = False
@@ -221,6 +224,12 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_tokens: int | Non
         return defaults.get(key, fallback) if value is None else value
 
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"stop: at most {MAX_STOP} stop sequences are allowed, got {len(stop)}", param="stop",
+                       code="invalid_value")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"stop: each stop sequence must be at most {MAX_STOP_CHARS} characters", param="stop",
+                       code="invalid_value")
     try:
         return [SamplingParams(max_new_tokens=max_new, temperature=pick(req.temperature, "temperature", 1.0),
                                top_k=pick(req.top_k, "top_k", 0), top_p=pick(req.top_p, "top_p", 1.0),

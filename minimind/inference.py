@@ -7,23 +7,21 @@ from pathlib import Path
 from typing import Any
 
 from minimind import MiniMindError
+from minimind.checkpoint import load_model
+from minimind.device import pick_device, pick_dtype
 from minimind.generation import SamplingParams, sampling_defaults
+from minimind.lora import load_adapter
+from minimind.quant import quantize as apply_quantization
+from minimind.tokenizer import load_tokenizer
 
 
 def load_for_inference(model_dir: str | Path, lora: str | Path | None = None, device: str = "auto",
                        dtype: str = "auto", quantize: str | None = "none") -> tuple[Any, Any]:
     """The model of `model_dir` (with the LoRA adapter `lora` folded in, then quantised by `quantize`) on
     `device` in `dtype`, and its tokenizer."""
-    from minimind.checkpoint import load_model
-    from minimind.device import pick_device, pick_dtype
-    from minimind.quant import quantize as apply_quantization
-    from minimind.tokenizer import load_tokenizer
-
     dev = pick_device(device)
     model = load_model(model_dir, device=dev, dtype=pick_dtype(dtype, dev))
     if lora:
-        from minimind.lora import load_adapter
-
         model = load_adapter(model, lora, merge=True)  # folded in: decoding costs nothing extra
     model = apply_quantization(model, quantize)
     tokenizer = load_tokenizer(model_dir)

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from minimind.chat import AssistantParser
+from minimind.chat import AssistantParser, thinking_on
 from minimind.generation import Completion, SamplingParams
 
 # ---- errors in OpenAI's shape ----------------------------------------------------------------------------
@@ -141,10 +141,20 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
 
 
 def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
-    """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases."""
+    """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases.
+
+    Thinking follows chat.thinking_on: `enable_thinking` decides when the request gives it (in
+    chat_template_kwargs, else at the top level), else `open_thinking` (MiniMind's name, in either place)."""
     kwargs = req.chat_template_kwargs or {}
-    thinking = bool(kwargs.get("enable_thinking", kwargs.get("open_thinking", False))
-                    or req.enable_thinking or req.open_thinking)
+
+    def flag(name: str) -> bool | None:
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(400, f"chat_template_kwargs.{name} must be true or false, got {value!r}",
+                           param=f"chat_template_kwargs.{name}")
+        return value if value is not None else getattr(req, name)
+
+    thinking = thinking_on(flag("enable_thinking"), flag("open_thinking"))
     tools = req.tools or None
     for i, tool in enumerate(tools or []):
         if not isinstance(_function_name(tool), str):

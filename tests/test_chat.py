@@ -6,6 +6,7 @@ import random
 
 import jinja2
 import pytest
+from conftest import minimind_loss_mask
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -305,6 +306,21 @@ def test_loss_mask_is_exactly_the_assistant_turns(tok, index):
     for m in normalize(messages)[0]:
         if m["role"] in ("user", "tool") and m["content"]:
             assert m["content"] in unmasked
+
+
+def test_newline_loss_gives_minimind_labels(tok):
+    """With newline_loss the mask is MiniMind's, token for token; without, it lacks exactly the one "\\n" token
+    after each assistant <|im_end|>."""
+    checked = 0
+    for messages, tools, _ in CONVERSATIONS[:150]:
+        ids, mask = encode_chat(tok, messages, tools, newline_loss=True)
+        assert mask == minimind_loss_mask(ids, tok)
+        plain = encode_chat(tok, messages, tools)[1]
+        extra = [i for i, (m, p) in enumerate(zip(mask, plain)) if m != p]
+        assert all(mask[i] and not plain[i] and tok.decode(ids[i - 1:i + 1]) == "<|im_end|>\n" for i in extra)
+        assert len(extra) == sum(m["role"] == "assistant" for m in messages)
+        checked += len(extra)
+    assert checked > 300
 
 
 def test_loss_mask_exact_example(tok):

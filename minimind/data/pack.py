@@ -152,7 +152,7 @@ def pack(source: str | Path, tokenizer: Any, kind: str, seq_len: int, *, cache_d
     counted). sft: one row per conversation with encode_chat's loss mask, truncated to seq_len (counted);
     with MiniMind's augmentations, drawn from `seed` and each line's position: a system prompt added to
     conversations without tools (probability system_prompt_prob), and the empty think blocks kept with
-    probability keep_empty_think_prob (MiniMind: 0.2); newline_loss also trains the "\n" after each assistant
+    probability keep_empty_think_prob (MiniMind: 0.2); newline_loss also trains the newline after each assistant
     `<|im_end|>`, as MiniMind's mask does (see chat.encode_chat). A bad line raises MiniMindError naming file:line,
     unless skip_bad, which counts it in stats.skipped_bad. workers=None uses every CPU; 1 runs in-process.
     chunk_bytes: the size of one job (default: about four a worker, at most 16 MiB)."""

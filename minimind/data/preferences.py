@@ -32,7 +32,7 @@ def _response_only(mask: list[int], earlier_turns: int) -> list[int]:
 def encode_side(tokenizer, messages: list[dict], tools: list[dict] | None,
                 newline_loss: bool = False) -> tuple[list[int], list[int]]:
     """One side of a pair as (ids, mask) with loss only on the reply after the last user turn (newline_loss:
-    and on the "\n" after each of its `<|im_end|>`s, as MiniMind's DPO mask)."""
+    and on the newline after each of its `<|im_end|>`s, as MiniMind's DPO mask)."""
     ids, mask = encode_chat(tokenizer, messages, tools, newline_loss=newline_loss)
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     earlier = sum(m["role"] == "assistant" for m in messages[:last_user])

@@ -29,10 +29,28 @@ TOOLS_OUTRO = (
 # The same format for transformers' apply_chat_template (and llama.cpp / Ollama after export). Every tag
 # trims whitespace on the left, so it renders the same with or without trim_blocks/lstrip_blocks.
 # tests/test_chat.py checks that it is byte-identical to `render` on hundreds of random conversations.
-CHAT_TEMPLATE = r"""{%- set thinking = (enable_thinking is defined and enable_thinking)
-    or (open_thinking is defined and open_thinking) %}
+# OpenAI content-part lists render as their text parts joined with nothing between (as the Qwen-VL templates
+# do; Qwen3's text template renders such a message empty); other parts (images) are left out.
+# Thinking: `enable_thinking` (transformers' and Qwen3's name) decides when given; MiniMind's `open_thinking`
+# only when it is not, so a client that sets both gets what the standard name says.
+CHAT_TEMPLATE = r"""{%- macro text_of(content) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for part in content %}
+            {%- if part is mapping and (part.type is not defined or part.type == 'text') and part.text is string %}
+                {{- part.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
+{%- if enable_thinking is defined and enable_thinking is not none %}
+    {%- set thinking = enable_thinking %}
+{%- else %}
+    {%- set thinking = open_thinking is defined and open_thinking %}
+{%- endif %}
 {%- set has_system = messages | length > 0 and messages[0].role == 'system' %}
-{%- set system_text = messages[0].content if has_system and messages[0].content is string else '' %}
+{%- set system_text = text_of(messages[0].content) if has_system else '' %}
 {%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if has_system %}
@@ -50,7 +68,7 @@ CHAT_TEMPLATE = r"""{%- set thinking = (enable_thinking is defined and enable_th
     {{- '<|im_start|>system\n' + system_text + '<|im_end|>\n' }}
 {%- endif %}
 {%- for message in messages %}
-    {%- set content = message.content if message.content is string else '' %}
+    {%- set content = text_of(message.content) %}
     {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
         {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
     {%- elif message.role == 'assistant' %}
@@ -155,6 +173,8 @@ def _tool_calls(value: Any, what: str) -> list[dict]:
 
 
 def _content(value: Any, what: str) -> str:
+    """A message's text: a string, or the text parts of an OpenAI content-part list joined with nothing between
+    (as CHAT_TEMPLATE joins them); parts of other types (images) are left out."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -235,15 +255,21 @@ def _call_text(call: dict) -> str:
     return f'{CALL_OPEN}\n{{"name": "{fn["name"]}", "arguments": {args_text}}}\n{CALL_CLOSE}'
 
 
+def thinking_on(enable_thinking: bool | None = None, open_thinking: bool | None = None) -> bool:
+    """Whether the generation prompt opens `<think>`: enable_thinking when given (not None), else open_thinking,
+    else off. The rule CHAT_TEMPLATE and the API follow too."""
+    return bool(enable_thinking) if enable_thinking is not None else bool(open_thinking)
+
+
 def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
-                      enable_thinking: bool = False, open_thinking: bool = False,
+                      enable_thinking: bool | None = None, open_thinking: bool | None = None,
                       ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; also return the [start, end) character ranges that carry loss: each assistant
     turn from just after its `<|im_start|>assistant\\n` header through its `<|im_end|>`."""
-    return _render(messages, tools, add_generation_prompt, enable_thinking, open_thinking)[:2]
+    return _render(messages, tools, add_generation_prompt, thinking_on(enable_thinking, open_thinking))[:2]
 
 
-def _render(messages: Any, tools: Any, add_generation_prompt: bool, enable_thinking: bool, open_thinking: bool,
+def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bool,
             ) -> tuple[str, list[tuple[int, int]], set[int]]:
     """render_with_spans, plus where the template itself wrote `<|im_start|>` and `<|im_end|>`: any other
     special token in the text came from a message (or a tool) and is to be encoded as plain text."""
@@ -311,14 +337,14 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, enable_think
                 emit("\n")
 
     if add_generation_prompt:
-        opened = f"{THINK_OPEN}\n" if enable_thinking or open_thinking else EMPTY_THINK
+        opened = f"{THINK_OPEN}\n" if thinking else EMPTY_THINK
         tag(IM_START)
         emit(f"assistant\n{opened}")
     return "".join(parts), spans, marks
 
 
 def render(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
-           enable_thinking: bool = False, open_thinking: bool = False) -> str:
+           enable_thinking: bool | None = None, open_thinking: bool | None = None) -> str:
     """The conversation as the model sees it (the same text `CHAT_TEMPLATE` produces)."""
     return render_with_spans(messages, tools, add_generation_prompt, enable_thinking, open_thinking)[0]
 
@@ -368,12 +394,16 @@ def _encode_as_text(tokenizer: Any, text: str, marks: set[int]) -> tuple[list[in
 
 
 def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation_prompt: bool = False,
-                enable_thinking: bool = False) -> tuple[list[int], list[int]]:
+                enable_thinking: bool = False, newline_loss: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation and a 0/1 loss mask of the same length (no bos/eos added).
 
     The text is tokenized once (special tokens inside messages as plain text); a token carries loss iff its
-    character range lies inside an assistant span, so the mask is right whatever BPE merges across boundaries."""
-    text, spans, marks = _render(messages, tools, add_generation_prompt, enable_thinking, False)
+    character range lies inside an assistant span, so the mask is right whatever BPE merges across boundaries.
+    newline_loss: the `\\n` after each assistant `<|im_end|>` carries loss too, as in MiniMind's SFT and DPO
+    datasets (off by default, as in transformers and TRL: that token is the template's, not the model's)."""
+    text, spans, marks = _render(messages, tools, add_generation_prompt, bool(enable_thinking))
+    if newline_loss:  # the template writes a newline right after every assistant turn's <|im_end|>
+        spans = [(start, end + 1) for start, end in spans]
     ids, offsets = _encode_as_text(tokenizer, text, marks)
     mask = [0] * len(ids)
     k = 0

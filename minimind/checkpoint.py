@@ -193,12 +193,13 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = torch.float32) -> MiniMindForCausalLM:
-    """Read a model directory written by us or by transformers. dtype=None keeps the stored dtype."""
+               dtype: torch.dtype | None = torch.float32, rope_scaling: str | None = None) -> MiniMindForCausalLM:
+    """Read a model directory written by us or by transformers. dtype=None keeps the stored dtype. rope_scaling
+    overrides config.json's ("yarn": MiniMind's YaRN, "none": off; see ModelConfig.with_rope_scaling)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise MiniMindError(f"{directory}: model directory not found")
-    cfg = ModelConfig.load(directory)
+    cfg = ModelConfig.load(directory).with_rope_scaling(rope_scaling)
     state = read_state_dict(directory)
     if dtype is None:
         dtype = next(iter(state.values())).dtype

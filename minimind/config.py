@@ -3,6 +3,7 @@ from a transformers `config.json` (model_type qwen3, qwen3_moe or llama). `Model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -13,6 +14,12 @@ from minimind import MiniMindError
 
 # Fields of ours that transformers has no name for live under this one key in config.json.
 EXTRA_KEY = "minimind"
+
+# MiniMind's `inference_rope_scaling` (its scripts' --inference_rope_scaling): YaRN x16 over the 2,048 positions
+# it trains on, with no attention temperature. `ModelConfig.with_rope_scaling("yarn")` sets exactly this.
+MINIMIND_YARN = {"yarn_factor": 16.0, "yarn_original_max_position_embeddings": 2048, "yarn_beta_fast": 32.0,
+                 "yarn_beta_slow": 1.0, "yarn_attention_factor": 1.0}
+ROPE_SCALING_CHOICES = ("yarn", "none")
 
 
 @dataclass
@@ -77,6 +84,17 @@ class ModelConfig:
             problems.append(f"rope_scaling must be 'yarn' or unset, not {self.rope_scaling!r}")
         if problems:
             raise MiniMindError("invalid model config: " + "; ".join(problems))
+
+    def with_rope_scaling(self, kind: str | None) -> ModelConfig:
+        """This config with its RoPE scaling switched: "yarn" is MiniMind's inference_rope_scaling (MINIMIND_YARN,
+        whatever YaRN settings the config had), "none" turns scaling off, None keeps the config's own."""
+        if kind is None:
+            return self
+        if kind not in ROPE_SCALING_CHOICES:
+            raise MiniMindError(f"rope scaling {kind!r}: choose one of {', '.join(ROPE_SCALING_CHOICES)}")
+        if kind == "none":
+            return dataclasses.replace(self, rope_scaling=None)
+        return dataclasses.replace(self, rope_scaling="yarn", **MINIMIND_YARN)
 
     # ---- presets -------------------------------------------------------------------------------
 

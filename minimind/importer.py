@@ -113,10 +113,11 @@ def _find_tokenizer(src: Path, tokenizer: str | Path | None):
 
 
 def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None = None, preset: str | None = None,
-                 dtype: str | None = None, **overrides: Any) -> Path:
+                 dtype: str | None = None, rope_scaling: str | None = None, **overrides: Any) -> Path:
     """Write our model directory at `out` from `src`: a transformers model directory or a MiniMind `.pth`.
     `tokenizer` (a directory) is required when `src` has none; `preset` and `overrides` (ModelConfig fields)
-    only apply to `.pth` files. `dtype` (float32, bfloat16, float16) converts; default: as stored."""
+    only apply to `.pth` files. `dtype` (float32, bfloat16, float16) converts; default: as stored.
+    `rope_scaling` ("yarn": MiniMind's inference_rope_scaling; "none") sets the RoPE scaling written."""
     import torch
 
     from minimind.checkpoint import model_from_state, read_state_dict, save_model
@@ -147,6 +148,7 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
         state = read_pth(src)
         source = str(src)
         cfg = infer_config(state, preset, source, **overrides)
+    cfg = cfg.with_rope_scaling(rope_scaling)
     stored = next(iter(state.values())).dtype
     if stored not in DTYPES.values():
         stored = torch.float32

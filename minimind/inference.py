@@ -16,11 +16,12 @@ from minimind.tokenizer import load_tokenizer
 
 
 def load_for_inference(model_dir: str | Path, lora: str | Path | None = None, device: str = "auto",
-                       dtype: str = "auto", quantize: str | None = "none") -> tuple[Any, Any]:
+                       dtype: str = "auto", quantize: str | None = "none",
+                       rope_scaling: str | None = None) -> tuple[Any, Any]:
     """The model of `model_dir` (with the LoRA adapter `lora` folded in, then quantised by `quantize`) on
-    `device` in `dtype`, and its tokenizer."""
+    `device` in `dtype`, and its tokenizer. rope_scaling ("yarn", "none") overrides config.json's."""
     dev = pick_device(device)
-    model = load_model(model_dir, device=dev, dtype=pick_dtype(dtype, dev))
+    model = load_model(model_dir, device=dev, dtype=pick_dtype(dtype, dev), rope_scaling=rope_scaling)
     if lora:
         model = load_adapter(model, lora, merge=True)  # folded in: decoding costs nothing extra
     model = apply_quantization(model, quantize)

@@ -88,3 +88,26 @@ def sft_model_dir(tmp_path_factory, demo_data):
                             preset="tiny", tokenizer=str(root / "tokenizer"), steps=30, **common), PretrainStage)
     return train(TrainConfig(stage="sft", out=str(root / "sft"), data=str(demo_data["sft"]), init_from=str(pre),
                              steps=40, **common), SFTStage)
+
+
+def minimind_loss_mask(ids: list[int], tokenizer) -> list[int]:
+    """MiniMind's SFT and DPO label rule (its dataset/lm_dataset.py), written out here to compare against: from
+    just after each run of the ids of `<|im_start|>assistant\\n` through the first run of `<|im_end|>\\n` after
+    it, that run included (to the end of the row when none follows)."""
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    head, tail = encode("<|im_start|>assistant\n"), encode("<|im_end|>\n")
+    head, tail = [getattr(x, "ids", x) for x in (head, tail)]  # a raw tokenizers.Tokenizer gives an Encoding
+    mask, i = [0] * len(ids), 0
+    while i < len(ids):
+        if ids[i:i + len(head)] != head:
+            i += 1
+            continue
+        start = end = i + len(head)
+        while end < len(ids) and ids[end:end + len(tail)] != tail:
+            end += 1
+        stop = min(end + len(tail), len(ids))
+        mask[start:stop] = [1] * (stop - start)
+        i = stop
+    return mask

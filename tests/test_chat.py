@@ -6,6 +6,7 @@ import random
 
 import jinja2
 import pytest
+from conftest import minimind_loss_mask
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -73,6 +74,27 @@ CASES = {
     "prompt_open_thinking_alias": (
         dict(messages=[u("2+2?")], add_generation_prompt=True, open_thinking=True),
         "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    ),
+    "enable_thinking_wins_over_open_thinking": (
+        dict(messages=[u("2+2?")], add_generation_prompt=True, enable_thinking=False, open_thinking=True),
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n" + EMPTY,
+    ),
+    "open_thinking_when_enable_thinking_is_none": (
+        dict(messages=[u("2+2?")], add_generation_prompt=True, enable_thinking=None, open_thinking=True),
+        "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n",
+    ),
+    "content_parts_in_every_role": (
+        dict(messages=[{"role": "system",
+                        "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+                       u([{"type": "text", "text": "1+"}, {"type": "image_url", "image_url": {"url": "x.png"}},
+                          {"text": "2?"}]),
+                       a([{"type": "text", "text": "<think>sum</think>"}, {"type": "text", "text": "3"}]),
+                       {"role": "tool", "content": [{"type": "text", "text": "ok"}]}],
+             tools=[ADD_TOOL]),
+        "<|im_start|>system\nBe brief.\n\n" + TOOLS_HEAD[len("<|im_start|>system\n"):] + "\n" + ADD_TOOL_JSON
+        + TOOLS_TAIL + "<|im_start|>user\n1+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nsum\n</think>\n\n3<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nok\n</tool_response><|im_end|>\n",
     ),
     "later_system": (
         dict(messages=[u("a"), {"role": "system", "content": "b"}]),
@@ -185,7 +207,32 @@ def random_assistant(rng, calls=False):
     return m
 
 
+def as_parts(rng, message):
+    """The message with its content, a third of the time, as an OpenAI content-part list: the text cut into
+    one to three text parts (some without "type"), sometimes with an image part that renders as nothing."""
+    text = message.get("content")
+    if not isinstance(text, str) or rng.random() >= 1 / 3:
+        return message
+    cuts = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(0, 2)))
+    parts = [{"type": "text", "text": text[i:j]} if rng.random() < 0.8 else {"text": text[i:j]}
+             for i, j in zip([0, *cuts], [*cuts, len(text)])]
+    if rng.random() < 0.3:
+        parts.insert(rng.randint(0, len(parts)), {"type": "image_url", "image_url": {"url": "http://x/y.png"}})
+    return {**message, "content": parts}
+
+
 def random_conversation(rng):
+    messages = random_messages(rng)
+    messages = [as_parts(rng, m) for m in messages]
+    tools = rng.choice([None, [], [random_tool(rng)], [random_tool(rng) for _ in range(3)]])
+    kwargs = {"add_generation_prompt": rng.random() < 0.5}
+    for key in ("enable_thinking", "open_thinking"):
+        if rng.random() < 0.4:
+            kwargs[key] = rng.choice([True, False, None])
+    return messages, tools, kwargs
+
+
+def random_messages(rng):
     messages = []
     if rng.random() < 0.5:
         messages.append({"role": "system", "content": rng.choice(TEXTS)})
@@ -201,12 +248,7 @@ def random_conversation(rng):
             messages.append({"role": "system", "content": rng.choice(TEXTS)})
         else:
             messages.append(u(rng.choice(TEXTS)))
-    tools = rng.choice([None, [], [random_tool(rng)], [random_tool(rng) for _ in range(3)]])
-    kwargs = {"add_generation_prompt": rng.random() < 0.5}
-    for key in ("enable_thinking", "open_thinking"):
-        if rng.random() < 0.4:
-            kwargs[key] = rng.random() < 0.5
-    return messages, tools, kwargs
+    return messages
 
 
 CONVERSATIONS = [random_conversation(random.Random(seed)) for seed in range(400)]
@@ -214,6 +256,10 @@ CONVERSATIONS = [random_conversation(random.Random(seed)) for seed in range(400)
 
 def test_template_matches_render_on_random_conversations(tok):
     assert tok.chat_template == CHAT_TEMPLATE
+    with_parts = sum(any(isinstance(m["content"], list) for m in msgs) for msgs, _, _ in CONVERSATIONS)
+    assert with_parts > 200  # the content-part lists are exercised, in every role
+    assert {m["role"] for msgs, _, _ in CONVERSATIONS for m in msgs if isinstance(m["content"], list)} == {
+        "system", "user", "assistant", "tool"}
     for messages, tools, kwargs in CONVERSATIONS:
         ours = render(messages, tools, **kwargs)
         theirs = tok.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)
@@ -225,8 +271,9 @@ def test_template_needs_no_trim_blocks():
     env = jinja2.Environment()
     env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
     template = env.from_string(CHAT_TEMPLATE)
-    for messages, tools, kwargs in CONVERSATIONS[:60]:
-        messages, tools = normalize(messages, tools)
+    for raw, tools, kwargs in CONVERSATIONS[:60]:
+        messages, tools = normalize(raw, tools)
+        messages = [{**m, "content": r["content"]} for m, r in zip(messages, raw)]  # content-part lists stay
         assert template.render(messages=messages, tools=tools, **kwargs) == render(messages, tools, **kwargs)
 
 
@@ -256,9 +303,24 @@ def test_loss_mask_is_exactly_the_assistant_turns(tok, index):
     for run in runs:
         assert run.startswith("<think>\n") and run.endswith("<|im_end|>") and "<|im_start|>" not in run
     unmasked = tok.decode([i for i, m in zip(ids, mask) if not m])
-    for m in messages:
+    for m in normalize(messages)[0]:
         if m["role"] in ("user", "tool") and m["content"]:
             assert m["content"] in unmasked
+
+
+def test_newline_loss_gives_minimind_labels(tok):
+    """With newline_loss the mask is MiniMind's, token for token; without, it lacks exactly the one "\\n" token
+    after each assistant <|im_end|>."""
+    checked = 0
+    for messages, tools, _ in CONVERSATIONS[:150]:
+        ids, mask = encode_chat(tok, messages, tools, newline_loss=True)
+        assert mask == minimind_loss_mask(ids, tok)
+        plain = encode_chat(tok, messages, tools)[1]
+        extra = [i for i, (m, p) in enumerate(zip(mask, plain)) if m != p]
+        assert all(mask[i] and not plain[i] and tok.decode(ids[i - 1:i + 1]) == "<|im_end|>\n" for i in extra)
+        assert len(extra) == sum(m["role"] == "assistant" for m in messages)
+        checked += len(extra)
+    assert checked > 300
 
 
 def test_loss_mask_exact_example(tok):
@@ -432,7 +494,7 @@ def test_special_tokens_in_messages_are_plain_text(tok):
                 u("x"), a("", tool_calls=[{"name": "add", "arguments": {"a": SPOOF}}]),
                 {"role": "tool", "content": SPOOF}]
     tools = [{"type": "function", "function": {"name": "add", "description": SPOOF, "parameters": {}}}]
-    text, spans, marks = _render(messages, tools, True, False, False)
+    text, spans, marks = _render(messages, tools, True, False)
     assert text == render(messages, tools, add_generation_prompt=True)
     ids, mask = encode_chat(tok, messages, tools, add_generation_prompt=True)
     im_start, im_end, pad = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import small_model
+from conftest import minimind_loss_mask, small_model
 
 from minimind import MiniMindError
 from minimind.chat import encode_chat
@@ -110,6 +110,28 @@ def test_read_pairs_both_layouts_response_mask_truncation_and_bad_lines(tokenize
     assert read_pairs(str(f), tokenizer, seq_len=96, skip_bad=True).stats.skipped_bad == 1
     with pytest.raises(MiniMindError, match="dpo_beta must be > 0"):
         DPOStage(TrainConfig(dpo_beta=0), tokenizer)
+
+
+def test_train_newline_after_eos_gives_minimind_dpo_masks(tokenizer, tmp_path):
+    """With the setting, both sides' masks are MiniMind's DPO masks (its rule on the same ids) for its row layout
+    (a prompt, then the reply: here one plain and one with a tool round trip); by default one "\\n" token per
+    reply turn less."""
+    tool = {"type": "function", "function": {"name": "add", "parameters": {}}}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": {"a": 3, "b": 4}}]}
+    rows = [{"chosen": Q + [{"role": "assistant", "content": "7"}],
+             "rejected": Q + [{"role": "assistant", "content": "8", "reasoning_content": "3 + 4 is 8"}]},
+            {"tools": [tool],
+             "chosen": Q + [call, {"role": "tool", "content": "7"}, {"role": "assistant", "content": "7"}],
+             "rejected": Q + [{"role": "assistant", "content": "It is 8."}]}]
+    f = tmp_path / "dpo.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    on = DPOStage(TrainConfig(stage="dpo", train_newline_after_eos=True), tokenizer).dataset(str(f))
+    off = DPOStage(TrainConfig(stage="dpo"), tokenizer).dataset(str(f))
+    for k, row in enumerate(rows):
+        for side, (ids, mask) in (("chosen", on[k][:2]), ("rejected", on[k][2:])):
+            assert mask.tolist() == minimind_loss_mask(ids.tolist(), tokenizer)
+            plain = off[k][1] if side == "chosen" else off[k][3]
+            assert int(mask.sum() - plain.sum()) == sum(m["role"] == "assistant" for m in row[side])
 
 
 def test_repetition_pairs_are_valid_and_prefer_the_concise_reply():

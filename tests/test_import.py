@@ -174,3 +174,58 @@ def test_import_cli(tokenizer, tmp_path, capsys):
                               "--intermediate-size", "256"])
     with pytest.raises(MiniMindError, match="gate_proj"):
         args.func(args)
+
+
+def test_rope_scaling_at_import_and_as_a_load_override(tokenizer, tmp_path):
+    """`--rope-scaling yarn` (or MiniMind's `--inference_rope_scaling`) writes MiniMind's YaRN dict: the imported
+    model's logits are those of a model whose config has that dict, transformers reads the same rope scaling and
+    gives the same logits, and the same switch at load time (chat, serve, eval) does it for a plain import."""
+    import argparse
+
+    from minimind.checkpoint import model_from_state
+    from minimind.config import MINIMIND_YARN, ModelConfig
+
+    source = small_model("qwen3", vocab_size=len(tokenizer), max_position_embeddings=32768)
+    pth = tmp_path / "full_sft_64.pth"
+    torch.save({k: v.detach().clone() for k, v in source.state_dict().items()}, pth)
+    tok_dir = tmp_path / "tok"
+    save_tokenizer(tokenizer, tok_dir)
+    parser = argparse.ArgumentParser()
+    add_import_parser(parser.add_subparsers(dest="command"))
+    common = ["--tokenizer", str(tok_dir), "--num-attention-heads", "4", "--num-key-value-heads", "2",
+              "--max-position-embeddings", "32768"]
+    for name, flag in (("yarn", ["--rope-scaling", "yarn"]), ("yarn2", ["--inference_rope_scaling"]), ("plain", [])):
+        args = parser.parse_args(["import", str(pth), "--out", str(tmp_path / name), *common, *flag])
+        args.func(args)
+
+    written = json.loads((tmp_path / "yarn" / "config.json").read_text())["rope_parameters"]
+    assert written == {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 2048,
+                       "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
+    assert (tmp_path / "yarn2" / "config.json").read_text() == (tmp_path / "yarn" / "config.json").read_text()
+    theirs_cfg = AutoConfig.from_pretrained(tmp_path / "yarn")
+    assert {k: theirs_cfg.rope_parameters[k] for k in written} == written
+
+    reference_cfg = ModelConfig(**{**source.config.__dict__, "rope_scaling": "yarn", **MINIMIND_YARN})
+    reference = model_from_state(reference_cfg, source.state_dict(), "reference", torch.float32)
+    ids = torch.randint(3, len(tokenizer), (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = reference(ids).logits
+        imported = load_model(tmp_path / "yarn")(ids).logits
+        overridden = load_model(tmp_path / "plain", rope_scaling="yarn")(ids).logits
+        plain = load_model(tmp_path / "plain")(ids).logits
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "yarn", dtype=torch.float32).eval()(ids).logits
+        off = load_model(tmp_path / "yarn", rope_scaling="none")(ids).logits
+    assert torch.equal(imported, want) and torch.equal(overridden, want) and torch.equal(off, plain)
+    assert (hf - want).abs().max().item() <= 1e-4
+    assert (plain - want).abs().max().item() > 1e-2  # YaRN changes the logits: the checks above can fail
+
+    # chat, generate, eval, serve and webui share these flags and load through them
+    from minimind.commands.flags import add_model_flags, load_model_from
+
+    flags = argparse.ArgumentParser()
+    add_model_flags(flags)
+    for switch in (["--rope-scaling", "yarn"], ["--inference-rope-scaling"]):
+        args = flags.parse_args(["--model", str(tmp_path / "plain"), "--device", "cpu", "--dtype", "float32", *switch])
+        model, _ = load_model_from(args)
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)

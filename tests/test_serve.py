@@ -396,7 +396,7 @@ def test_a_row_whose_sampling_fails_fails_its_request_alone(fault, monkeypatch):
 
 def test_sampling_params_fill_what_the_request_omits():
     """The model's generation_config.json defaults fill omitted fields; a request's own fields win; with no
-    defaults the API keeps OpenAI's (temperature 1, nothing else on, the rest of the context)."""
+    defaults the API keeps OpenAI's (temperature 1, nothing else on) and caps max_tokens at 512."""
     from minimind.serve.schemas import ChatRequest, sampling_params
 
     defaults = {"temperature": 0.0, "top_p": 0.85, "top_k": 50, "min_p": 0.1, "repetition_penalty": 1.1,
@@ -417,6 +417,8 @@ def test_sampling_params_fill_what_the_request_omits():
     assert p.max_new_tokens == 30  # the server's own cap comes before the model's
     (p,) = sampling_params(ChatRequest(messages=msgs), 10, None, 100, {})
     assert fields(p) == (1.0, 1.0, 0, 0.0, 1.0, 90)
+    (p,) = sampling_params(ChatRequest(messages=msgs), 10, None, 32768, {})
+    assert p.max_new_tokens == 512  # no default anywhere: capped, not the rest of a 32k context
 
 
 class SpyTokenizer:
@@ -648,6 +650,42 @@ def test_thinking_in_messages_and_deltas(client, local):
     off = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=30)
     assert off.usage.prompt_tokens > r.usage.prompt_tokens
     assert off.choices[0].message.model_extra.get("reasoning_content") is None
+
+
+@pytest.mark.parametrize("extra, on", [
+    ({"enable_thinking": False, "open_thinking": True}, False),  # MiniMind's server: on (any true wins)
+    ({"chat_template_kwargs": {"enable_thinking": False, "open_thinking": True}}, False),
+    ({"chat_template_kwargs": {"open_thinking": True}, "enable_thinking": False}, False),
+    ({"chat_template_kwargs": {"enable_thinking": True}, "open_thinking": False}, True),
+    ({"chat_template_kwargs": {"enable_thinking": None, "open_thinking": True}}, True),
+    ({"open_thinking": True}, True),
+])
+def test_enable_thinking_decides_over_open_thinking(client, local, extra, on):
+    msgs = [{"role": "user", "content": "Why?"}]
+    r = client.chat.completions.create(model="m", messages=msgs, temperature=0, max_tokens=60, extra_body=extra)
+    m = r.choices[0].message
+    assert m.model_extra.get("reasoning_content") == ("To be, or not to be." if on else None)
+    ids, _ = encode_chat(local[1], msgs, add_generation_prompt=True, enable_thinking=on)
+    assert r.usage.prompt_tokens == len(ids)
+
+
+def test_thinking_flags_must_be_booleans(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Why?"}], max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": "false"}})
+    assert e.value.body["param"] == "chat_template_kwargs.enable_thinking"
+
+
+def test_content_part_lists_are_their_text(client):
+    """OpenAI content-part lists: the text parts joined, other parts left out; the same answer as the string."""
+    parts = [{"type": "text", "text": "Hel"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+             {"type": "text", "text": "lo"}]
+    for content in (parts, "Hello"):
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                           temperature=0, max_tokens=60)
+        assert r.choices[0].message.content == HELLO_ANSWER
 
 
 def test_tool_calls_and_the_tool_loop(client):

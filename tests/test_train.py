@@ -410,6 +410,43 @@ def test_sft_learns_only_the_assistant_turns(corpus, tokenizer, tmp_path):
     assert curve[-1] < 0.5 * curve[0]
 
 
+def test_train_newline_after_eos_gives_minimind_labels(corpus, tokenizer, tmp_path):
+    """The setting makes the SFT labels MiniMind's (its rule applied to the same ids, empty think blocks dropped
+    as MiniMind drops 80% of them); the default leaves out exactly one "\\n" token per assistant turn."""
+    from conftest import minimind_loss_mask
+
+    from minimind.train.sft import SFTStage
+
+    tool = {"type": "function", "function": {"name": "add", "parameters": {}}}
+    chats = [{"conversations": [{"role": "user", "content": f"What is {a} + {a}?"},
+                                {"role": "assistant", "content": f"{2 * a}.", "reasoning_content": f"{a} + {a}"},
+                                {"role": "user", "content": "And again?"},
+                                {"role": "assistant", "content": f"Still {2 * a}."}]} for a in range(6)]
+    chats.append({"tools": [tool], "conversations": [
+        {"role": "user", "content": "1 + 2?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 2}}]},
+        {"role": "tool", "content": "3"}, {"role": "assistant", "content": "It is 3."}]})
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    labels = {}
+    for on in (False, True):
+        extra = ["--train-newline-after-eos"] if on else []
+        cfg = load_config(None, settings(corpus, tmp_path / "sft", data=data, seq_len=256, keep_empty_think_prob=0)
+                          + extra, stage="sft")
+        assert cfg.train_newline_after_eos is on
+        stage = SFTStage(cfg, tokenizer)
+        rows = stage.dataset(str(data))
+        batch = stage.collate([rows[i] for i in range(len(rows))])
+        labels[on] = batch["labels"]
+        ids = [rows[i][0].tolist() for i in range(len(rows))]
+    assert "<think>\n\n</think>" not in tokenizer.decode(ids[0])  # the augmentation ran
+    for i, row in enumerate(ids):
+        want = [t if m else -100 for t, m in zip(row, minimind_loss_mask(row, tokenizer))]
+        assert labels[True][i, :len(row)].tolist() == want
+        turns = sum(m["role"] == "assistant" for m in chats[i]["conversations"])
+        assert int((labels[True][i] != -100).sum() - (labels[False][i] != -100).sum()) == turns
+
+
 def test_tag_loss_weight_scales_only_the_tag_tokens(tokenizer):
     import torch.nn.functional as F
     from conftest import small_model

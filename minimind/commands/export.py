@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minimind.commands.flags import add_rope_scaling_flag
 from minimind.config import PRESETS, ModelConfig
 from minimind.importer import CONFIG_FLAGS, DTYPE_NAMES, import_model
 
@@ -58,7 +59,7 @@ def cmd_import(args: argparse.Namespace) -> None:
     if args.use_moe is not None:
         overrides["use_moe"] = bool(args.use_moe)
     out = import_model(args.src, args.out, tokenizer=args.tokenizer, preset=args.preset, dtype=args.dtype,
-                       **overrides)
+                       rope_scaling=args.rope_scaling, **overrides)
     cfg = ModelConfig.load(out)
     print(f"imported {args.src} -> {out}: {cfg.model_type}, {cfg.num_parameters():,} parameters "
           f"(d={cfg.hidden_size}, {cfg.num_hidden_layers} layers" + (f", {cfg.num_experts} experts" if cfg.use_moe
@@ -75,6 +76,7 @@ def add_import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (required when SRC has no tokenizer.json)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="convert the weights (default: as stored)")
+    add_rope_scaling_flag(p, "the RoPE scaling written to config.json, for SRC of either kind")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=".pth only: base config (default: minimind-3, or minimind2/-small without q/k-norm)")
     for name in CONFIG_FLAGS:

@@ -6,10 +6,21 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from minimind.config import ROPE_SCALING_CHOICES
+
 if TYPE_CHECKING:  # importing generation pulls in torch: too slow for `minimind --help`
     from minimind.generation import SamplingParams
 
 DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_rope_scaling_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """--rope-scaling yarn|none, and MiniMind's spelling --inference_rope_scaling for yarn."""
+    p.add_argument("--rope-scaling", choices=list(ROPE_SCALING_CHOICES), default=None,
+                   help=f"{what}: yarn = MiniMind's YaRN (factor 16 over 2048 positions, beta 32/1, attention "
+                        "factor 1), none = no scaling (default: as config.json says)")
+    p.add_argument("--inference-rope-scaling", "--inference_rope_scaling", dest="rope_scaling",
+                   action="store_const", const="yarn", help="the same as --rope-scaling yarn (MiniMind's flag)")
 
 
 def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -21,6 +32,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 with bf16 activations, the fastest batch-1 decoding on a CPU")
+    add_rope_scaling_flag(p, "override the model's RoPE scaling")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -41,7 +53,7 @@ def load_model_from(args: argparse.Namespace) -> tuple[Any, Any]:
     from minimind.inference import load_for_inference
 
     return load_for_inference(args.model, lora=args.lora, device=args.device, dtype=args.dtype,
-                              quantize=args.quantize)
+                              quantize=args.quantize, rope_scaling=args.rope_scaling)
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:

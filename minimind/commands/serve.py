@@ -136,7 +136,7 @@ def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
                    help="context served, prompt plus completion, in tokens (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="completion tokens for a request that sets no max_tokens (default: the model's "
-                        "max_new_tokens, else the rest of the context)")
+                        "max_new_tokens, else 512)")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="larger request bodies get HTTP 413 (default: 4 MiB)")
     p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")

@@ -143,7 +143,7 @@ def _check_args(kind: str, seq_len: int, system_prompt_prob: float, keep_empty_t
 
 def pack(source: str | Path, tokenizer: Any, kind: str, seq_len: int, *, cache_dir: str | Path | None = None,
          workers: int | None = None, skip_bad: bool = False, progress: bool = True, seed: int = 0,
-         system_prompt_prob: float = 0.0, keep_empty_think_prob: float = 1.0,
+         system_prompt_prob: float = 0.0, keep_empty_think_prob: float = 1.0, newline_loss: bool = False,
          chunk_bytes: int | None = None) -> PackedDataset:
     """Tokenize `source` into rows of `seq_len` and return them memory-mapped; cached, so a second call with
     the same file, tokenizer and settings opens the earlier result without tokenizing.
@@ -152,7 +152,8 @@ def pack(source: str | Path, tokenizer: Any, kind: str, seq_len: int, *, cache_d
     counted). sft: one row per conversation with encode_chat's loss mask, truncated to seq_len (counted);
     with MiniMind's augmentations, drawn from `seed` and each line's position: a system prompt added to
     conversations without tools (probability system_prompt_prob), and the empty think blocks kept with
-    probability keep_empty_think_prob (MiniMind: 0.2). A bad line raises MiniMindError naming file:line,
+    probability keep_empty_think_prob (MiniMind: 0.2); newline_loss also trains the newline after each assistant
+    `<|im_end|>`, as MiniMind's mask does (see chat.encode_chat). A bad line raises MiniMindError naming file:line,
     unless skip_bad, which counts it in stats.skipped_bad. workers=None uses every CPU; 1 runs in-process.
     chunk_bytes: the size of one job (default: about four a worker, at most 16 MiB)."""
     _check_args(kind, seq_len, system_prompt_prob, keep_empty_think_prob)
@@ -178,6 +179,8 @@ def pack(source: str | Path, tokenizer: Any, kind: str, seq_len: int, *, cache_d
     if kind == "sft":  # pretrain has no augmentation: its cache key ignores these
         settings.update(seed=seed, system_prompt_prob=system_prompt_prob,
                         keep_empty_think_prob=keep_empty_think_prob)
+        if newline_loss:  # only when on: caches built before this setting existed keep their keys
+            settings["newline_loss"] = True
     identity = {"format": FORMAT_VERSION, "path": str(source.resolve()), "size": st.st_size,
                 "mtime_ns": st.st_mtime_ns, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
                 **settings}
@@ -190,7 +193,7 @@ def pack(source: str | Path, tokenizer: Any, kind: str, seq_len: int, *, cache_d
         root.mkdir(parents=True, exist_ok=True)
         plan = Plan(source=str(source), kind=kind, seq_len=seq_len, tokenizer_json=tok_json, shard_dir="",
                     text=is_text, skip_bad=skip_bad, seed=seed, system_prompt_prob=system_prompt_prob,
-                    keep_empty_think_prob=keep_empty_think_prob)
+                    keep_empty_think_prob=keep_empty_think_prob, newline_loss=newline_loss)
         build(plan, identity, key, final, workers, chunk_bytes, progress)
         cached = PackedDataset(final)
         if progress:

@@ -104,6 +104,7 @@ class Plan:
     seed: int
     system_prompt_prob: float
     keep_empty_think_prob: float
+    newline_loss: bool = False  # SFT: the "\n" after each assistant <|im_end|> carries loss too (MiniMind's mask)
 
 
 class _Job(NamedTuple):
@@ -310,7 +311,8 @@ class _Packer:
             if add_system < plan.system_prompt_prob and not tools and messages[0]["role"] != "system":
                 messages = [{"role": "system", "content": prompt}, *messages]
             encoder.drop_think = keep_think >= plan.keep_empty_think_prob
-        row_ids, row_mask = encode_chat(encoder, messages, tools)  # at most seq_len tokens
+        row_ids, row_mask = encode_chat(encoder, messages, tools,  # at most seq_len tokens
+                                        newline_loss=plan.newline_loss)
         n = encoder.count
         stats.longest = max(stats.longest, n)
         if n > plan.seq_len:

@@ -29,9 +29,11 @@ def _response_only(mask: list[int], earlier_turns: int) -> list[int]:
     return out
 
 
-def encode_side(tokenizer, messages: list[dict], tools: list[dict] | None) -> tuple[list[int], list[int]]:
-    """One side of a pair as (ids, mask) with loss only on the reply after the last user turn."""
-    ids, mask = encode_chat(tokenizer, messages, tools)
+def encode_side(tokenizer, messages: list[dict], tools: list[dict] | None,
+                newline_loss: bool = False) -> tuple[list[int], list[int]]:
+    """One side of a pair as (ids, mask) with loss only on the reply after the last user turn (newline_loss:
+    and on the newline after each of its `<|im_end|>`s, as MiniMind's DPO mask)."""
+    ids, mask = encode_chat(tokenizer, messages, tools, newline_loss=newline_loss)
     last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
     earlier = sum(m["role"] == "assistant" for m in messages[:last_user])
     return ids, _response_only(mask, earlier)
@@ -55,15 +57,17 @@ class PairDataset:
         return np.array([max(len(p[0]), len(p[2])) for p in self.pairs], dtype=np.int64)
 
 
-def read_pairs(path: str, tokenizer, seq_len: int, skip_bad: bool = False) -> PairDataset:
-    """Read a DPO file (either layout, via formats.iter_rows) and tokenize both sides of every pair."""
+def read_pairs(path: str, tokenizer, seq_len: int, skip_bad: bool = False, newline_loss: bool = False,
+               ) -> PairDataset:
+    """Read a DPO file (either layout, via formats.iter_rows) and tokenize both sides of every pair (see
+    encode_side for newline_loss)."""
     bad: list[BadLine] | None = [] if skip_bad else None
     stats, pairs, dropped = PackStats(), [], 0
     for _, row in iter_rows(path, "dpo", bad):
         stats.documents += 1
         sides = []
         for side in ("chosen", "rejected"):
-            ids, mask = encode_side(tokenizer, row[side], row["tools"])
+            ids, mask = encode_side(tokenizer, row[side], row["tools"], newline_loss)
             stats.longest = max(stats.longest, len(ids))
             sides.append((ids, mask))
         if any(len(ids) > seq_len for ids, _ in sides):

@@ -146,7 +146,7 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
                max_body_bytes: int | None = None, docs: bool = False) -> FastAPI:
     """The API app. api_key (or $MINIMIND_API_KEY) turns on bearer-token auth for every route (see Guard). The
     scheduler thread starts with the app and stops with it. default_max_tokens caps requests that set no
-    max_tokens (None: the model's max_new_tokens, else the rest of the context). sampling_defaults
+    max_tokens (None: the model's max_new_tokens, else 512). sampling_defaults
     (generation.sampling_defaults of the model directory) fills the sampling fields a request omits; None or
     {}: OpenAI's defaults. max_model_len: the context served (prompt plus completion; None: the model's).
     max_body_bytes: larger request bodies get 413 (None: DEFAULT_MAX_BODY_BYTES). docs: serve /docs, /redoc

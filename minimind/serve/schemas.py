@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from minimind.chat import AssistantParser
-from minimind.generation import Completion, SamplingParams
+from minimind.chat import AssistantParser, thinking_on
+from minimind.generation import GENERATION_DEFAULTS, Completion, SamplingParams
 
 # ---- errors in OpenAI's shape ----------------------------------------------------------------------------
 
@@ -48,6 +48,10 @@ def validation_error(errors: list[dict]) -> APIError:
 
 # ---- request schemas (unknown fields are allowed, as OpenAI clients send extras; known ones are typed) ----
 
+# A request without max_tokens, served with no --default-max-tokens from a model whose generation_config.json
+# sets no max_new_tokens, gets what every directory we write sets: not the rest of a 32k context, which would
+# hold every co-batched row's KV cache at its longest.
+FALLBACK_MAX_TOKENS = GENERATION_DEFAULTS["max_new_tokens"]
 MAX_STOP = 4  # stop strings per request, as OpenAI allows: each is checked against every new token
 MAX_STOP_CHARS = 256
 
@@ -141,10 +145,20 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
 
 
 def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
-    """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases."""
+    """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases.
+
+    Thinking follows chat.thinking_on: `enable_thinking` decides when the request gives it (in
+    chat_template_kwargs, else at the top level), else `open_thinking` (MiniMind's name, in either place)."""
     kwargs = req.chat_template_kwargs or {}
-    thinking = bool(kwargs.get("enable_thinking", kwargs.get("open_thinking", False))
-                    or req.enable_thinking or req.open_thinking)
+
+    def flag(name: str) -> bool | None:
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise APIError(400, f"chat_template_kwargs.{name} must be true or false, got {value!r}",
+                           param=f"chat_template_kwargs.{name}")
+        return value if value is not None else getattr(req, name)
+
+    thinking = thinking_on(flag("enable_thinking"), flag("open_thinking"))
     tools = req.tools or None
     for i, tool in enumerate(tools or []):
         if not isinstance(_function_name(tool), str):
@@ -211,14 +225,14 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_tokens: int | Non
     """One SamplingParams per choice (n). Fields the request omits come from `defaults` (the model's
     generation_config.json, as generation.sampling_defaults reads it), else OpenAI's defaults (temperature 1,
     no top-k/top-p/min-p, no penalty). max_tokens None: default_max_tokens (the server's cap), else the model's
-    max_new_tokens, else the rest of the context; never more than the context leaves."""
+    max_new_tokens, else FALLBACK_MAX_TOKENS; never more than the context leaves."""
     if prompt_len >= context:
         raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {context} tokens "
                        f"(prompt plus completion)", param="messages", code="context_length_exceeded")
     room = context - prompt_len
     if max_tokens is None:
-        max_tokens = default_max_tokens or defaults.get("max_new_tokens")
-    max_new = room if max_tokens is None else min(max_tokens, room)
+        max_tokens = default_max_tokens or defaults.get("max_new_tokens") or FALLBACK_MAX_TOKENS
+    max_new = min(max_tokens, room)
 
     def pick(value: Any, key: str, fallback: float) -> Any:
         return defaults.get(key, fallback) if value is None else value

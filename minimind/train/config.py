@@ -29,6 +29,9 @@ class TrainConfig:
     system_prompt_prob: float = 0.0  # SFT: add a random system prompt to this share of chats (MiniMind: 0.2)
     keep_empty_think_prob: float = 1.0  # SFT: keep empty think blocks in this share of chats (MiniMind: 0.2)
     tag_loss_weight: float = 1.0  # SFT: loss weight of the <think>/</think>/<tool_call>/</tool_call> tokens
+    # SFT, LoRA, distill and DPO: the "\n" after each assistant <|im_end|> carries loss too, as MiniMind's labels
+    # do; off: loss stops at <|im_end|>, as in transformers and TRL (that newline is the template's to write)
+    train_newline_after_eos: bool = False
     # model
     init_from: str = ""  # a model directory from an earlier stage (its config is inherited)
     preset: str = "tiny"  # used when init_from is empty

@@ -62,7 +62,7 @@ class DPOStage(Stage):
         self.ref = ref
 
     def dataset(self, path: str) -> PairDataset:
-        data = read_pairs(path, self.tokenizer, self.cfg.seq_len, self.cfg.skip_bad)
+        data = read_pairs(path, self.tokenizer, self.cfg.seq_len, self.cfg.skip_bad, self.cfg.train_newline_after_eos)
         if data.dropped:
             self.say(f"{path}: {data.dropped:,} of {data.stats.documents:,} pairs have no response token within "
                      f"seq_len {self.cfg.seq_len}; training skips them")

@@ -53,7 +53,8 @@ class SFTStage(PretrainStage):
 
     def pack_options(self) -> dict:
         return {"system_prompt_prob": self.cfg.system_prompt_prob,
-                "keep_empty_think_prob": self.cfg.keep_empty_think_prob}
+                "keep_empty_think_prob": self.cfg.keep_empty_think_prob,
+                "newline_loss": self.cfg.train_newline_after_eos}
 
     def collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest row: padding sits after the text, so the causal mask alone hides it."""

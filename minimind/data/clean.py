@@ -426,8 +426,7 @@ def _merge(jobs: list[_Job], parts: list[_Part], plan: Plan, out: Path, report: 
     cluster = np.where(exact_dup, root[first], root)
     near_dup = ~exact_dup & (root != index)
 
-    # Where each passing row came from, to name a cluster's kept row as file:line.
-    where: list[tuple[str, int]] = []
+    # Where each passing row came from (two integers a row, not a Python object), to name a cluster's kept row.
     line_base: dict[int, int] = {}
     base, last_path = 0, None
     for job, part in zip(jobs, parts):
@@ -435,8 +434,9 @@ def _merge(jobs: list[_Job], parts: list[_Part], plan: Plan, out: Path, report: 
             base, last_path = 0, job.path
         line_base[job.number] = base
         base += part.lines
-    for job, a in zip(jobs, arrays):
-        where += [(job.path, line_base[job.number] + int(x)) for x in a["cand_line"]]
+    row_job = np.concatenate([np.full(len(a["cand_line"]), k) for k, a in enumerate(arrays)]) if arrays else index
+    row_line = np.concatenate([a["cand_line"] + line_base[j.number] for j, a in zip(jobs, arrays)]) if arrays \
+        else index
 
     examples: dict[str, list[str]] = {}
     removed = Counter()
@@ -470,7 +470,7 @@ def _merge(jobs: list[_Job], parts: list[_Part], plan: Plan, out: Path, report: 
                         row = row.rstrip("\n")
                         if exact_dup[i] or near_dup[i]:
                             rule = "exact-dup" if exact_dup[i] else "near-dup"
-                            ref = "{}:{}".format(*where[cluster[i]])
+                            ref = f"{jobs[row_job[cluster[i]]].path}:{row_line[cluster[i]]}"
                             removed[rule] += 1
                             entries.append((offset + int(x), _entry((rule, f"duplicate of {ref}"), row)[:-1]
                                             + f', "cluster": {json.dumps(ref)}}}'))

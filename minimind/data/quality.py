@@ -127,7 +127,7 @@ _BULLETS = ("•", "●", "◦", "▪", "‣", "-", "*", "·", "–", "○", "�
 _TERMINAL = tuple('.!?"\'”’」』。！？…')
 _PARAGRAPHS = re.compile(r"\n\s*\n")
 STOP_WORDS = {"latin": frozenset({"the", "be", "to", "of", "and", "that", "have", "with", "is", "in", "a"}),
-              "cjk": frozenset("的了是在和有与对为这那我你他她们也就都而及将被把从向到以于之其所")}
+              "cjk": frozenset("的了是在和有与对为这那我你他她们也就都而及将被把从向到以于之其所不很没还吗呢啊吧")}
 
 
 def script_verdict(text: str, rules: dict) -> Verdict:
@@ -210,7 +210,7 @@ def gopher_verdict(text: str, toks: list[str], hashes: np.ndarray, rules: dict) 
     found = sum(1 for t in toks if t in STOP_WORDS[script])
     if found < rules["min_stop_words_cjk" if script == "cjk" else "min_stop_words"]:
         return "gopher-stop-words", f"{found} stop words"
-    if n < rules["repetition_min_words"]:
+    if n < rules["repetition_min_words"] * (rules["cjk_ngram_scale"] if script == "cjk" else 1):
         return None
     share, chars = _repeated_share(lines)
     if share > rules["max_dup_lines"] or chars > rules["max_dup_line_chars"]:

@@ -158,7 +158,7 @@ class _Cleaner:
             except json.JSONDecodeError as e:
                 raise ValueError(f'field "{key}" is not valid JSON ({e.msg})') from None
         if not isinstance(messages, list):
-            raise ValueError(f'field "conversations" must be an array, not {json_type(messages)}')
+            raise ValueError(f'field "{key}" must be an array, not {json_type(messages)}')
         changed = False
         if self.rules["pii"]["enabled"]:
             n_row = 0

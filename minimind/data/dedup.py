@@ -164,7 +164,9 @@ def clusters(band_keys: np.ndarray, signatures: np.ndarray, threshold: float, ba
         return np.zeros(0, np.int64)
     u = np.concatenate([np.arange(n)] * band_keys.shape[1])
     v = np.concatenate([first_of_equal(band_keys[:, b]) for b in range(band_keys.shape[1])])
-    pairs = np.unique(np.stack([u, v], axis=1)[u != v], axis=0)
+    linked = u != v
+    code = np.unique(u[linked] * n + v[linked])  # one int64 a pair: unique in 1-D, a fraction of the memory
+    pairs = np.stack([code // n, code % n], axis=1)
     keep = np.zeros(len(pairs), dtype=bool)
     for start in range(0, len(pairs), batch):
         a, b = pairs[start: start + batch, 0], pairs[start: start + batch, 1]

@@ -1,15 +1,12 @@
-"""Model directories (the transformers layout: config.json, model.safetensors, tokenizer files) and atomic
-file writes. `save_model(model, "out/", tokenizer)`; `model = load_model("out/")`."""
+"""Model directories (the transformers layout: config.json, model.safetensors, tokenizer files) and resume
+states. `save_model(model, "out/", tokenizer)`; `model = load_model("out/")`."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +17,12 @@ from safetensors.torch import load_file, save_file
 from minimind import MiniMindError
 from minimind.config import ModelConfig
 from minimind.device import DTYPES
+from minimind.files import atomic_path
 from minimind.generation import GENERATION_DEFAULTS
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import save_tokenizer
 
 WEIGHTS = "model.safetensors"
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds, so a crash
-    never leaves a half-written file (or directory) where the last good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
-    try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer: Any = None,

@@ -355,7 +355,8 @@ def test_right_by_kind_counts_pairs_ranked_right_per_family_and_kind():
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     proc = run_cli("demo", "--quick", "--all", "--out", str(tmp_path / "demo"))
     report = (tmp_path / "demo" / "report.md").read_text()
-    for part in ("Tokenizer", "Pretraining", "Supervised fine-tuning", "bits per byte", "held-out task accuracy",
+    for part in ("kept after cleaning", "Tokenizer", "Pretraining", "Supervised fine-tuning", "bits per byte",
+                 "held-out task accuracy",
                  "well-formed thinking", "tool tasks", "Sample chats", "LoRA", "with the LoRA adapter",
                  "preference accuracy", "By kind of pair", "KL(teacher || student)", "Reinforcement learning"):
         assert part in report, part
@@ -364,6 +365,7 @@ def test_demo_quick_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "demo" / "distill" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "sft" / "model" / "model.safetensors").is_file()
     assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()
+    assert "| near-dup |" in (tmp_path / "demo" / "data" / "clean" / "report.md").read_text()
     assert "Traceback" not in proc.stderr
 
 

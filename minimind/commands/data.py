@@ -1,5 +1,5 @@
-"""`minimind data ...`: built-in data, checks, conversions, downloads of MiniMind's datasets, DPO pairs of a
-model's own mistakes, and black-box distillation data. `minimind data builtin --out data/`."""
+"""`minimind data ...`: built-in data, checks, conversions, cleaning, downloads of MiniMind's datasets, DPO pairs
+of a model's own mistakes, and black-box distillation data. `minimind data builtin --out data/`."""
 
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_mistakes(args: argparse.Namespace) -> None:
     import json
 
-    from minimind.checkpoint import atomic_path, load_model
+    from minimind.checkpoint import load_model
     from minimind.data.formats import decode_line, iter_rows, read_lines
     from minimind.eval.preference import mistake_pairs
+    from minimind.files import atomic_path
     from minimind.tokenizer import load_tokenizer
 
     raw = dict(read_lines(args.pairs))
@@ -94,6 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_mistakes)
     add_download_parser(data)
     add_distill_parser(data)
+    add_clean_parser(data)
 
 
 def add_check_convert_parsers(data: argparse._SubParsersAction) -> None:
@@ -196,3 +198,41 @@ def add_distill_parser(data: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="teacher weights dtype")
     p.set_defaults(func=cmd_distill)
+
+
+def cmd_clean(args: argparse.Namespace) -> None:
+    import sys
+
+    from minimind.data.clean import clean
+
+    report = clean(args.inputs, args.out, kind=args.kind, config=args.config, eval_files=args.eval,
+                   tokenizer=args.tokenizer, workers=args.workers or None, strict=args.strict,
+                   progress=sys.stderr.isatty() and not args.quiet)
+    removed = ", ".join(f"{rule} {n:,}" for rule, n in report.removed.items()) or "nothing"
+    print(f"{report.rows_in:,} rows in, {report.rows_out:,} kept in {args.out}/clean.jsonl; removed: {removed}; "
+          f"{report.mb_per_s:,.2f} MB/s, peak memory {report.peak_rss_mb:,.0f} MB. Details: {args.out}/report.md")
+
+
+def add_clean_parser(data: argparse._SubParsersAction) -> None:
+    from minimind.data.quality import DEFAULTS
+
+    p = data.add_parser("clean", help="remove duplicates, low-quality rows and evaluation overlap; scrub PII",
+                        description="Clean pretrain or SFT data (JSONL or Parquet): PII scrub, C4 and Gopher "
+                        "quality rules, language by script, SFT checks, n-gram decontamination against --eval "
+                        f"files, exact and MinHash near-duplicate removal. Rules and thresholds: {DEFAULTS} "
+                        "(pass a TOML with the keys to change as --config). Writes clean.jsonl, removed.jsonl "
+                        "(each removed row with its rule), report.md, lengths.png and stats.json. Run the same "
+                        "command again after an interruption to resume.")
+    p.add_argument("inputs", nargs="+", help=".jsonl or .parquet files, cleaned as one corpus in this order")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--kind", choices=["pretrain", "sft"], default=None, help="row kind (default: detected)")
+    p.add_argument("--config", default=None, help="TOML file of rule settings over the defaults")
+    p.add_argument("--eval", nargs="+", default=[], metavar="FILE",
+                   help="evaluation files (JSONL, CSV, Parquet, text) whose 13-grams training rows must not share")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory: SFT conversations over sft.max_tokens "
+                   "are removed")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed line (default: skip and "
+                   "list it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_clean)

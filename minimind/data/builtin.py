@@ -152,14 +152,29 @@ def _take(docs: list[str], start: int, budget: int | None) -> int:
     return i
 
 
-def split_documents(seed: int = 0, train_chars: int | None = 2_000_000,
-                    val_chars: int = 100_000) -> tuple[list[str], list[str]]:
+def _documents_of(path: Path) -> dict[str, tuple[str, ...]]:
+    """A pretrain JSONL file's documents by language (a document with a Chinese character counts as Chinese)."""
+    out: dict[str, list[str]] = {"en": [], "zh": []}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            out["zh" if _HAN.search(text) else "en"].append(text)
+    return {lang: tuple(dict.fromkeys(docs)) for lang, docs in out.items()}
+
+
+_HAN = re.compile("[\u4e00-\u9fff]")
+
+
+def split_documents(seed: int = 0, train_chars: int | None = 2_000_000, val_chars: int = 100_000,
+                    documents: str | Path | None = None) -> tuple[list[str], list[str]]:
     """(training documents, held-out documents), each about half English and half Chinese by characters,
-    deduplicated, shuffled by `seed`; no document (or duplicate of one) is in both."""
+    deduplicated, shuffled by `seed`; no document (or duplicate of one) is in both. `documents`: a pretrain
+    JSONL file to take them from (the demo's cleaned corpus), instead of the packages' texts."""
     train: list[str] = []
     val: list[str] = []
+    cleaned = _documents_of(Path(documents)) if documents else None
     for lang in ("en", "zh"):
-        docs = list(_unique_documents(lang))
+        docs = list(cleaned[lang] if cleaned else _unique_documents(lang))
         random.Random(f"minimind-pretrain/{seed}/{lang}").shuffle(docs)
         cut = _take(docs, 0, val_chars // 2)
         end = _take(docs, cut, None if train_chars is None else train_chars // 2)
@@ -292,7 +307,7 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
                   pretrain_val_chars: int = 100_000, sft_tasks: int = 2000, val_tasks: int = 100,
                   heldout_tasks: int = 200, rl_tasks: int = 1000, dpo_pairs: int = 500,
                   dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0, pretrain_drill: int = 0,
-                  families: Sequence[str] | None = None) -> dict[str, Path]:
+                  families: Sequence[str] | None = None, documents: str | Path | None = None) -> dict[str, Path]:
     """Write every built-in data file into `out_dir`, deterministic for `seed`; returns {name: path}.
 
     pretrain / pretrain_val: Shakespeare scenes and Chinese news / reviews (val documents never in pretrain).
@@ -304,7 +319,8 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     training-split tasks also go into pretrain as plain text (question, worked steps, answer), so a small
     model meets digits and copying before SFT; pretrain_drill: that many documents of arithmetic facts
     (tasks.arithmetic_drill) go in too. `families` picks the task families, taken in turn (a family
-    named twice gets twice the rows); default: each once."""
+    named twice gets twice the rows); default: each once. `documents`: take the pretraining text from this
+    JSONL file (e.g. the output of `minimind data clean` on write_pretrain_jsonl's) instead of the packages."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl"
@@ -312,7 +328,7 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
 
     train, heldout = heldout_split(sft_tasks + rl_tasks + dpo_pairs + pretrain_tasks, val_tasks + heldout_tasks,
                                    seed, families)
-    train_docs, val_docs = split_documents(seed, pretrain_chars, pretrain_val_chars)
+    train_docs, val_docs = split_documents(seed, pretrain_chars, pretrain_val_chars, documents)
     task_docs = [_task_text(r) for r in train[len(train) - pretrain_tasks:]] if pretrain_tasks else []
     mixed = train_docs + task_docs + arithmetic_drill(pretrain_drill, seed)
     random.Random(f"minimind-pretrain/{seed}").shuffle(mixed)

@@ -5,7 +5,6 @@ into shard files, which `build(plan, ...)` merges into the cache directory Packe
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import shutil
@@ -15,8 +14,6 @@ import time
 import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,6 +26,7 @@ from tqdm import tqdm
 from minimind import MiniMindError
 from minimind.chat import EMPTY_THINK, IM_END, IM_START, encode_chat
 from minimind.data.formats import BadLine, decode_line, iter_rows, parse_row
+from minimind.data.parallel import byte_ranges, cpus, ordered_map
 
 BOS, EOS = IM_START, IM_END  # MiniMind's document delimiters (ids 1 and 2); from chat.py, which workers load fast
 FORMAT_VERSION = 1  # bump when the files or their meaning change: old caches then miss instead of misreading
@@ -326,70 +324,10 @@ class _Packer:
         return len(row_ids)
 
 
-_WORKER: _Packer | None = None  # set in pool workers only, by _init_worker
-
-
-def _init_worker(plan: Plan) -> None:
-    global _WORKER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism; threads would oversubscribe
-    _WORKER = _Packer(plan)
-
-
-def _run_job(job: _Job) -> _Result:
-    assert _WORKER is not None
-    return _WORKER(job)
-
-
-# ---------------------------------------------------------------------------------------------- cache writing
-
-
-def _chunks(path: Path, size: int, chunk_bytes: int) -> list[_Job]:
-    """Byte ranges of about chunk_bytes, each ending just after a newline (or at the end of the file)."""
-    jobs, start = [], 0
-    with path.open("rb") as fh:
-        while start < size:
-            end = start + chunk_bytes
-            if end >= size:
-                end = size
-            else:
-                fh.seek(end - 1)
-                fh.readline()  # through the newline of the line holding byte end-1
-                end = fh.tell()
-            jobs.append(_Job(len(jobs), start, end))
-            start = end
-    return jobs
-
-
-def _results(plan: Plan, jobs: list[_Job], workers: int) -> Iterator[_Result]:
-    """Each job's result in file order: in this process for one worker, else from spawned processes (safe
-    with torch and threads) that build the tokenizer once each. A worker that dies (killed for memory, or a
-    script that starts packing again when imported) stops the packing with an error instead of a hang."""
-    if workers == 1:
-        yield from map(_Packer(plan), jobs)
-        return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(plan,)) as pool:
-        futures = [pool.submit(_run_job, job) for job in jobs]
-        try:
-            for future in futures:
-                yield future.result()
-        except BrokenProcessPool:
-            raise MiniMindError(f"{plan.source}: a packing worker process died; if a script calls pack(), put "
-                                "the call under `if __name__ == '__main__':`, or pass workers=1") from None
-        finally:
-            for future in futures:  # on an error, start no more jobs (running ones finish)
-                future.cancel()
-
-
 def _add_stats(total: PackStats, part: PackStats) -> None:
     for f in fields(PackStats):
         a, b = getattr(total, f.name), getattr(part, f.name)
         setattr(total, f.name, max(a, b) if f.name == "longest" else a + b)
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (a container's share, not the host's count, where the OS tells)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _remove_abandoned(final: Path) -> None:
@@ -424,12 +362,12 @@ def build(plan: Plan, identity: dict, key: str, final: Path, workers: int | None
         plan = replace(plan, shard_dir=str(shards))
         source = Path(plan.source)
         size = identity["size"]
-        workers = max(1, workers or _cpus())
+        workers = max(1, workers or cpus())
         if plan.text:
             jobs = [_Job(0, 0, size)]
         else:
             chunk = chunk_bytes or min(MAX_CHUNK_BYTES, max(1 << 20, -(-size // (workers * 4))))
-            jobs = _chunks(source, size, chunk)
+            jobs = [_Job(i, a, b) for i, (a, b) in enumerate(byte_ranges(source, size, chunk))]
         workers = min(workers, len(jobs))
         stats = PackStats(source_bytes=size)
         bad_lines: list[str] = []
@@ -438,7 +376,8 @@ def build(plan: Plan, identity: dict, key: str, final: Path, workers: int | None
         with open(tmp / "ids.bin", "wb") as ids_out, \
                 open(tmp / "mask.bin", "wb") as mask_out, \
                 tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"packing {source.name}",
-                     disable=not progress) as bar, closing(_results(plan, jobs, workers)) as results:
+                     disable=not progress) as bar, \
+                closing(ordered_map(_Packer, plan, jobs, workers, f"packing {source}")) as results:
             for result in results:
                 for local, problem in result.bad:
                     bad = BadLine(str(source), lines_before + local, problem)

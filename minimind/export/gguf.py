@@ -252,7 +252,7 @@ def _value_type(key: str, value: Any) -> tuple[gguf.GGUFValueType, gguf.GGUFValu
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: str | Path, qtype: str = "f16",
                name: str = "minimind") -> Path:
     """Write `model` (a MiniMindForCausalLM) and its tokenizer to one GGUF file, atomically."""
-    from minimind.checkpoint import atomic_path
+    from minimind.files import atomic_path
 
     if qtype not in GGUF_TYPES:
         raise MiniMindError(f"--type must be one of {', '.join(GGUF_TYPES)}, not {qtype!r}")

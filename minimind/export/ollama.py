@@ -97,8 +97,8 @@ def parse_modelfile(text: str) -> dict[str, Any]:
 def export_ollama(model_dir: str | Path, out_dir: str | Path, qtype: str = "q8_0",
                   name: str | None = None) -> tuple[Path, Path, str]:
     """Write OUT/<name>-<type>.gguf and OUT/Modelfile; return (GGUF path, Modelfile path, `ollama create` command)."""
-    from minimind.checkpoint import atomic_path
     from minimind.config import ModelConfig
+    from minimind.files import atomic_path
 
     if qtype not in GGUF_TYPES:
         raise MiniMindError(f"--type must be one of {', '.join(GGUF_TYPES)}, not {qtype!r}")

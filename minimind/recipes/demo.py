@@ -9,7 +9,9 @@ from pathlib import Path
 
 from minimind.chat import encode_chat, parse_assistant
 from minimind.checkpoint import load_model
-from minimind.data.builtin import write_builtin
+from minimind.data.builtin import write_builtin, write_pretrain_jsonl
+from minimind.data.clean import clean
+from minimind.data.parallel import cpus
 from minimind.data.tasks import TOOL_FAMILIES
 from minimind.eval.perplexity import score_texts
 from minimind.eval.preference import mistake_pairs, pair_margins
@@ -36,13 +38,13 @@ from minimind.train.sft import SFTStage
 # spends ~330 tokens on the tool definitions. The unit converter tool is left out (`minimind data builtin
 # --families` can put it in): its questions are the units family's, answered a second way.
 FAMILIES = ("arithmetic",) * 10 + ("counting", "units", "identity", "calculator")
-FULL = dict(vocab=6400, pretrain_steps=3000, pretrain_budget=150, sft_steps=5000, sft_budget=530, seq_len=256,
-            sft_seq_len=512, batch=16, probes=600,
+FULL = dict(corpus_chars=None, vocab=6400, pretrain_steps=3000, pretrain_budget=150, sft_steps=5000, sft_budget=530,
+            seq_len=256, sft_seq_len=512, batch=16, probes=600,
             data=dict(sft_tasks=8000, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=600, families=FAMILIES),
             # --all: the post-training stages
             lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=780)
-QUICK = dict(vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0, seq_len=128,
-             sft_seq_len=512, batch=8, probes=24,
+QUICK = dict(corpus_chars=300_000, vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0,
+             seq_len=128, sft_seq_len=512, batch=8, probes=24,
              data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
                        heldout_tasks=40, rl_tasks=50, dpo_pairs=50, pretrain_drill=20),
              lora_steps=4, dpo_steps=4, dpo_budget=0, distill_steps=4, distill_budget=0, rl_budget=0)
@@ -74,8 +76,17 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
     def stage_time(label: str, t0: float) -> None:
         say(f"   ({label} took {time.perf_counter() - t0:.0f} s)")
 
-    say("## 1. Built-in data")
-    files = write_builtin(out / "data", seed=0, **size["data"])
+    say("## 1. Built-in data, cleaned")
+    t0 = time.perf_counter()
+    raw = out / "data" / "corpus_raw.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    write_pretrain_jsonl(raw, max_chars=size["corpus_chars"])
+    cleaned = clean([raw], out / "data" / "clean", workers=cpus())
+    removed = ", ".join(f"{rule} {n:,}" for rule, n in cleaned.removed.items())
+    say(f"- the packages' text: {cleaned.rows_in:,} documents, {cleaned.rows_out:,} kept after cleaning; removed: "
+        f"{removed} (examples and the length plot: `{out / 'data' / 'clean' / 'report.md'}`)")
+    stage_time("cleaning", t0)
+    files = write_builtin(out / "data", seed=0, documents=out / "data" / "clean" / "clean.jsonl", **size["data"])
     for name, path in files.items():
         say(f"- {name}: `{path}` ({sum(1 for _ in open(path, encoding='utf-8')):,} rows)")
 

@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from minimind import MiniMindError
 from minimind.chat import encode_chat, parse_assistant
-from minimind.checkpoint import atomic_path, load_model
+from minimind.checkpoint import load_model
 from minimind.data.formats import BadLine, iter_rows, parse_row
+from minimind.files import atomic_path
 from minimind.generation import SamplingParams, generate
 from minimind.logprobs import cross_entropy_sum
 from minimind.tokenizer import load_tokenizer

@@ -19,9 +19,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from minimind import MiniMindError
-from minimind.checkpoint import LATEST, atomic_path, clean_debris, load_model, load_newest_resume, save_resume
+from minimind.checkpoint import LATEST, clean_debris, load_model, load_newest_resume, save_resume
 from minimind.config import ModelConfig
 from minimind.device import pick_device, pick_dtype
+from minimind.files import atomic_path
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig, to_toml

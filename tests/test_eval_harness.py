@@ -115,6 +115,8 @@ def test_reads_the_hubs_layouts(tmp_path):
     for path in (hub, tmp_path / "mmlu.jsonl"):
         assert [(i.question, i.choices, i.answer) for i in read_mc(path)] == questions
     assert [i.subject for i in read_mc(hub)] == ["math", "lit"]  # the rows name their subject
+    pq.write_table(table.slice(0, 1), hub / "dev-00000-of-00001.parquet")
+    assert len(read_mc(hub)) == 3 and len(read_mc(tmp_path / "mmlu" / "*" / "test-*.parquet")) == 2  # one split
 
     ceval = tmp_path / "ceval" / "accountant"
     ceval.mkdir(parents=True)

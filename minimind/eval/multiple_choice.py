@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import glob
 import io
 import json
 import re
@@ -209,10 +210,16 @@ READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
 
 
 def read_mc(path: str | Path) -> list[MCItem]:
-    """Items of a .csv, .jsonl or .parquet file, or of every such file under a directory (one subject per file,
-    unless the rows name theirs)."""
+    """Items of a .csv, .jsonl or .parquet file, of every such file under a directory (one subject per file,
+    unless the rows name theirs), or of the files a glob pattern matches (`mmlu/*/test-*.parquet`: one split of
+    the hub's layout, which keeps every split of a subject in its folder)."""
+    pattern = str(path)
     path = Path(path)
-    if path.is_dir():
+    if not path.exists() and any(c in pattern for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).suffix.lower() in SUFFIXES)
+        if not files:
+            raise MiniMindError(f"{pattern}: no .csv, .jsonl or .parquet file matches")
+    elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
         if not files:
             raise MiniMindError(f"{path}: no .csv, .jsonl or .parquet files")

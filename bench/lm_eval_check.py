@@ -189,10 +189,9 @@ def run_lm_eval(python: Path, model: Path, tasks: list[dict], work: Path) -> tup
     for f in out.rglob("samples_*.jsonl"):
         task = f.name.removeprefix("samples_").rsplit("_", 1)[0]
         for line in f.read_text().splitlines():
-            row = json.loads(line)  # multiple choice: [ll, is_greedy] per option; rolling: the text's ll
-            resps = row["filtered_resps"]
-            lls.setdefault(task, {})[row["doc_id"]] = [float(r[0]) for r in resps] if isinstance(resps, list) \
-                else [float(resps)]
+            row = json.loads(line)  # multiple choice: [ll, is_greedy] per option; rolling: [the text's ll]
+            lls.setdefault(task, {})[row["doc_id"]] = [float(r[0] if isinstance(r, list) else r)
+                                                       for r in row["filtered_resps"]]
     return metrics, lls
 
 

@@ -178,15 +178,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, GSM8K-style, probes",
                        description="ppl: perplexity and bits per byte of a .txt / JSONL {\"text\"} file. mc: "
-                       "MMLU / C-Eval / CMMLU / ARC as .csv, .jsonl or the hub's .parquet (a file or a "
-                       "directory, one subject per file), scored by option log-likelihood or by the answer letter; "
-                       "reports lm-eval's acc, acc_norm (per character) and acc_bytes. gsm8k: exact match of generated "
-                       "answers to JSONL {\"question\", \"answer\"} rows. probes: the built-in held-out tasks "
-                       "(generated afresh when --data is absent). Prints a table, writes JSON (--out, or "
+                       "MMLU / C-Eval / CMMLU / ARC as .csv, .jsonl or the hub's .parquet (a file, a directory or a "
+                       "glob; one subject per file or folder), scored by option log-likelihood or by the answer "
+                       "letter; reports lm-eval's acc, acc_norm (per character) and acc_bytes. gsm8k: exact match of "
+                       "generated answers to JSONL {\"question\", \"answer\"} rows. probes: the built-in held-out "
+                       "tasks (generated afresh when --data is absent). Prints a table, writes JSON (--out, or "
                        "eval_TASK.json in the run directory) and adds a line to the run's report.md.")
     add_model_flags(p)
     p.add_argument("--task", required=True, choices=TASKS, help="which evaluation")
-    p.add_argument("--data", default=None, help="data file or directory (optional for probes)")
+    p.add_argument("--data", default=None, help="data file, directory or (mc) glob pattern (optional for probes)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items (quick runs)")
     p.add_argument("--out", default=None, help="results JSON (default: eval_TASK.json in the run directory)")
     p.add_argument("--few-shot", type=int, default=0, help="mc/gsm8k: examples before each question")

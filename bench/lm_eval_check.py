@@ -276,8 +276,8 @@ def main() -> None:
               f"per byte: {theirs_bpb}ours --stride {window} (= --seq-len) {rolling:.6f}, ours default stride "
               f"{window // 2} {halves.bits_per_byte:.6f}")
         if python:
-            print("log-likelihood per text, |ours - lm-eval|: "
-                  + ", ".join(f"{abs(their_lls[ROLLING][i][0] + x.nats):.1e}" for i, x in enumerate(per_doc)))
+            print("log-likelihood per text, |ours - lm-eval| / |lm-eval|: " + ", ".join(
+                f"{abs(their_lls[ROLLING][i][0] + x.nats) / x.nats:.0e}" for i, x in enumerate(per_doc)))
             print(f"\nper-option log-likelihoods: largest |ours - lm-eval| = {worst:.1e} over {options} options; "
                   f"acc, acc_norm, acc_bytes: {'identical' if same else 'DIFFERENT'} (ours --no-bos vs lm-eval)")
 

@@ -182,8 +182,7 @@ def expected_counts(lls, options, answer):
     return [max(range(len(k)), key=k.__getitem__) == answer for k in keys]
 
 
-@pytest.mark.parametrize("mode", ["loglik", "letter"])
-@pytest.mark.parametrize("bos", [True, False])
+@pytest.mark.parametrize("mode, bos", [("loglik", True), ("letter", True), ("letter", False)])
 def test_scores_match_hand_computed_logliks(mc_dir, tokenizer, mode, bos):
     model = small_model("qwen3", vocab_size=len(tokenizer))
     items = read_mc(mc_dir)

@@ -41,9 +41,14 @@ def run_ppl(model, tokenizer, args: argparse.Namespace) -> tuple[dict, str, str]
         if args.limit and len(texts) >= args.limit:
             break
     seq_len = min(args.seq_len, model.config.max_position_embeddings)
-    score = score_texts(model, tokenizer, texts, seq_len=seq_len, batch_size=args.batch_size, progress=args.progress)
+    stride = args.stride or max(seq_len // 2, 1)
+    if not 1 <= stride <= seq_len:
+        raise MiniMindError(f"--stride must be 1 to the window length ({seq_len}), got {stride}")
+    score = score_texts(model, tokenizer, texts, seq_len=seq_len, batch_size=args.batch_size, progress=args.progress,
+                        stride=stride)
     metrics = {"texts": len(texts), "tokens": score.tokens, "bytes": score.bytes, "loss": score.loss,
-               "perplexity": score.perplexity, "bits_per_byte": score.bits_per_byte}
+               "perplexity": score.perplexity, "bits_per_byte": score.bits_per_byte, "seq_len": seq_len,
+               "stride": stride}
     table = format_table(["metric", "value"], [[k, v] for k, v in metrics.items()])
     return {"metrics": metrics}, table, f"perplexity {score.perplexity:.3f}, {score.bits_per_byte:.4f} bits/byte"
 
@@ -52,19 +57,30 @@ def run_mc(model, tokenizer, args: argparse.Namespace) -> tuple[dict, str, str]:
     from minimind.eval.multiple_choice import evaluate_mc, read_mc
 
     if not args.data:
-        raise MiniMindError("--task mc needs --data (C-Eval/CMMLU/MMLU .csv files or ARC .jsonl, or a directory)")
+        raise MiniMindError("--task mc needs --data (MMLU/C-Eval/CMMLU/ARC .csv, .jsonl or .parquet files, "
+                            "or a directory)")
     items = read_mc(args.data)
     pool = read_mc(args.shots) if args.shots else None
     result = evaluate_mc(model, tokenizer, items, few_shot=args.few_shot, mode=args.mode, limit=args.limit,
-                         batch_size=args.batch_size, progress=args.progress, shot_pool=pool)
+                         batch_size=args.batch_size, progress=args.progress, shot_pool=pool, bos=args.bos)
     subjects = result.subject_accuracy()
-    rows = [[s, v["n"], v["accuracy"], v["accuracy_norm"]] for s, v in subjects.items()]
-    rows.append(["overall", result.total, result.accuracy, result.accuracy_norm])
-    metrics = {"items": result.total, "accuracy": result.accuracy, "accuracy_norm": result.accuracy_norm,
-               "macro_accuracy": result.macro_accuracy, "mode": result.mode, "few_shot": args.few_shot}
+    rows = [[s, v["n"], v["shots"], v["accuracy"], v["acc_norm"], v["acc_bytes"]] for s, v in subjects.items()]
+    rows.append(["overall", result.total, min(result.shots.values()), result.accuracy, result.acc_norm,
+                 result.acc_bytes])
+    short = result.short_of_shots()
+    for s, n in short.items():
+        print(f"warning: {s}: {n} of the {args.few_shot} few-shot examples asked for "
+              f"({'its --shots file has fewer' if pool is not None else 'the subject has too few other questions'})",
+              file=sys.stderr)
+    metrics = {"items": result.total, "accuracy": result.accuracy, "acc_norm": result.acc_norm,
+               "acc_bytes": result.acc_bytes, "macro_accuracy": result.macro_accuracy, "mode": result.mode,
+               "few_shot": args.few_shot, "subjects_short_of_shots": len(short), "bos": args.bos}
     out = {"metrics": metrics, "subjects": subjects, "samples": result.samples}
-    return out, format_table(["subject", "n", "accuracy", "acc_norm"], rows), \
-        f"accuracy {result.accuracy:.4f} (norm {result.accuracy_norm:.4f}, {result.mode}, {args.few_shot}-shot)"
+    shots = f"{args.few_shot}-shot" + (f", {len(short)} subjects with fewer" if short else "") + \
+        ("" if args.bos else ", no BOS")
+    return out, format_table(["subject", "n", "shots", "accuracy", "acc_norm", "acc_bytes"], rows), \
+        f"accuracy {result.accuracy:.4f} (acc_norm {result.acc_norm:.4f}, acc_bytes {result.acc_bytes:.4f}, " \
+        f"{result.mode}, {shots})"
 
 
 def run_gsm8k(model, tokenizer, args: argparse.Namespace) -> tuple[dict, str, str]:
@@ -162,14 +178,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model: perplexity, multiple choice, GSM8K-style, probes",
                        description="ppl: perplexity and bits per byte of a .txt / JSONL {\"text\"} file. mc: "
-                       "C-Eval / CMMLU / MMLU .csv or ARC .jsonl (a file or a directory, one subject per file), "
-                       "scored by option log-likelihood or by the answer letter. gsm8k: exact match of generated "
-                       "answers to JSONL {\"question\", \"answer\"} rows. probes: the built-in held-out tasks "
-                       "(generated afresh when --data is absent). Prints a table, writes JSON (--out, or "
+                       "MMLU / C-Eval / CMMLU / ARC as .csv, .jsonl or the hub's .parquet (a file, a directory or a "
+                       "glob; one subject per file or folder), scored by option log-likelihood or by the answer "
+                       "letter; reports lm-eval's acc, acc_norm (per character) and acc_bytes. gsm8k: exact match of "
+                       "generated answers to JSONL {\"question\", \"answer\"} rows. probes: the built-in held-out "
+                       "tasks (generated afresh when --data is absent). Prints a table, writes JSON (--out, or "
                        "eval_TASK.json in the run directory) and adds a line to the run's report.md.")
     add_model_flags(p)
     p.add_argument("--task", required=True, choices=TASKS, help="which evaluation")
-    p.add_argument("--data", default=None, help="data file or directory (optional for probes)")
+    p.add_argument("--data", default=None, help="data file, directory or (mc) glob pattern (optional for probes)")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N items (quick runs)")
     p.add_argument("--out", default=None, help="results JSON (default: eval_TASK.json in the run directory)")
     p.add_argument("--few-shot", type=int, default=0, help="mc/gsm8k: examples before each question")
@@ -181,7 +198,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gsm8k/probes: let the model think first (default: off for gsm8k; probes think on the "
                    "task families trained with worked steps)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="gsm8k/probes: generation length limit")
-    p.add_argument("--seq-len", type=int, default=512, help="ppl: window length")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
+                   help="mc: start each context with <|im_start|> as in pretraining (default); --no-bos gives "
+                   "lm-eval's default prompt for this tokenizer")
+    p.add_argument("--seq-len", type=int, default=512, help="ppl: window length (capped at the model's context)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="ppl: tokens each later window of a long text scores, the rest of the window being context "
+                   "(default: half the window; --stride equal to --seq-len is lm-eval's loglikelihood_rolling)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--seed", type=int, default=0, help="probes: seed of the generated held-out tasks")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

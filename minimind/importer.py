@@ -133,6 +133,8 @@ def _minimind_hf_dict(d: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
     out = {**d, "model_type": moe if d.get("use_moe") else ("qwen3" if qk_norm else "llama")}
     if d.get("use_moe"):
         out.setdefault("num_experts", d.get("n_routed_experts", 4))
+        if "aux_loss_alpha" in d:
+            out.setdefault("router_aux_loss_coef", d["aux_loss_alpha"])
         if shared is not None:
             out.update(shared_expert_intermediate_size=shared.shape[0], qkv_bias=False,
                        norm_topk_prob=bool(d.get("norm_topk_prob", True)) and out.get("num_experts_per_tok", 2) > 1)

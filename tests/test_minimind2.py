@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import small_model
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 from test_chat import CONVERSATIONS
 from test_export import GoTemplate, ollama_data
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,6 +29,7 @@ from minimind.commands.export import add_import_parser
 from minimind.export.gguf import export_gguf, read_gguf
 from minimind.export.ollama import export_ollama, go_template, parse_modelfile
 from minimind.generation import SamplingParams, generate
+from minimind.importer import import_model
 from minimind.serve.api import create_app
 from minimind.tokenizer import load_tokenizer
 
@@ -113,6 +115,16 @@ def test_minimind2_weights_import_and_match_minimind(kind, upstream, tmp_path, c
         hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         assert type(hf).__name__ == ("LlamaForCausalLM" if kind == "dense" else "Qwen2MoeForCausalLM")
         assert (hf(ids).logits - want).abs().max().item() <= 1e-5
+    if kind == "moe":  # MiniMind's custom-code directory (`model_type: minimind`) of the same weights
+        src = tmp_path / "custom"
+        src.mkdir()
+        (src / "config.json").write_text(theirs.config.to_json_string())
+        save_file({k: v.contiguous() for k, v in theirs.state_dict().items() if k != "lm_head.weight"},
+                  src / "model.safetensors")
+        again = load_model(import_model(src, tmp_path / "from_custom", tokenizer=folder))
+        assert again.config.model_type == "qwen2_moe" and again.config.router_aux_loss_coef == 0.01
+        with torch.no_grad():
+            assert (again(ids).logits - want).abs().max().item() <= 1e-5
     if kind == "dense":  # GGUF keeps MiniMind2's vocabulary, its GPT-2 pre-tokenizer and its template
         meta, _, _ = read_gguf(export_gguf(out, tmp_path / "m.gguf", "f32"))
         assert meta["tokenizer.ggml.pre"] == "gpt-2" and meta["tokenizer.ggml.tokens"][:6400] == [

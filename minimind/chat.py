@@ -20,7 +20,8 @@ TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, RESPONSE_
 
 # Two chat formats, named after the MiniMind generation whose tokenizer they go with. "minimind-3": every
 # assistant turn carries a think block. "minimind2": MiniMind's format before its tokenizer gained the tags
-# above (upstream commit 101d7df, 2026-03): a default system turn, assistant text as is, no think block.
+# above (upstream commit 101d7df, 2026-03): a default system turn, assistant text as is (reasoning_content
+# dropped, as MiniMind2's template drops it), no think block.
 # A tokenizer selects its format by its vocabulary (chat_format), so a model directory needs no extra field.
 CHAT_FORMATS = ("minimind-3", "minimind2")
 DEFAULT_SYSTEM = "You are a helpful assistant"

@@ -188,8 +188,8 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
 def model_metadata(cfg: ModelConfig, qtype: str, name: str) -> dict[str, Any]:
     """general.* and <arch>.* keys as llama.cpp reads them for this model."""
     if cfg.model_type not in ARCHITECTURES:
-        # llama.cpp's qwen2moe never renormalises the top-k weights (MiniMind2's MoE does, with k = 2), and an
-        # export that only llama.cpp could check is not written blind.
+        # llama.cpp's qwen2moe does not renormalise the top-k weights (MiniMind2's MoE does, with k = 2), so
+        # its output would differ; a mapping that could be checked against llama.cpp is future work.
         raise MiniMindError(f"config.json: model_type {cfg.model_type} (an MoE with a shared expert, e.g. MiniMind2's) "
                             f"cannot be exported to GGUF yet; {', '.join(ARCHITECTURES)} can")
     arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[cfg.model_type]]

@@ -15,6 +15,16 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 ROLES = ("system", "user", "assistant", "tool")
+# The tags of the thinking and tool format, each one token in MiniMind's minimind-3 tokenizer.
+TAGS = (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE, RESPONSE_OPEN, RESPONSE_CLOSE)
+
+# Two chat formats, named after the MiniMind generation whose tokenizer they go with. "minimind-3": every
+# assistant turn carries a think block. "minimind2": MiniMind's format before its tokenizer gained the tags
+# above (upstream commit 101d7df, 2026-03): a default system turn, assistant text as is (reasoning_content
+# dropped, as MiniMind2's template drops it), no think block.
+# A tokenizer selects its format by its vocabulary (chat_format), so a model directory needs no extra field.
+CHAT_FORMATS = ("minimind-3", "minimind2")
+DEFAULT_SYSTEM = "You are a helpful assistant"
 
 TOOLS_INTRO = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -33,7 +43,8 @@ TOOLS_OUTRO = (
 # do; Qwen3's text template renders such a message empty); other parts (images) are left out.
 # Thinking: `enable_thinking` (transformers' and Qwen3's name) decides when given; MiniMind's `open_thinking`
 # only when it is not, so a client that sets both gets what the standard name says.
-CHAT_TEMPLATE = r"""{%- macro text_of(content) %}
+CHAT_TEMPLATE = r"""{%- set think_tags = true %}
+{%- macro text_of(content) %}
     {%- if content is string %}
         {{- content }}
     {%- elif content is iterable and content is not mapping %}
@@ -66,11 +77,15 @@ CHAT_TEMPLATE = r"""{%- macro text_of(content) %}
         + '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
 {%- elif has_system %}
     {{- '<|im_start|>system\n' + system_text + '<|im_end|>\n' }}
+{%- elif not think_tags %}
+    {{- '<|im_start|>system\nYou are a helpful assistant<|im_end|>\n' }}
 {%- endif %}
 {%- for message in messages %}
     {%- set content = text_of(message.content) %}
     {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
         {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == 'assistant' and not think_tags %}
+        {{- '<|im_start|>assistant\n' + content }}
     {%- elif message.role == 'assistant' %}
         {%- set reasoning = '' %}
         {%- if message.reasoning_content is string %}
@@ -81,6 +96,8 @@ CHAT_TEMPLATE = r"""{%- macro text_of(content) %}
         {%- endif %}
         {%- set content = content.lstrip('\n') %}
         {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content }}
+    {%- endif %}
+    {%- if message.role == 'assistant' %}
         {%- if message.tool_calls %}
             {%- for call in message.tool_calls %}
                 {%- if content or not loop.first %}
@@ -109,12 +126,47 @@ CHAT_TEMPLATE = r"""{%- macro text_of(content) %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
-    {%- if thinking %}
+    {%- if not think_tags %}
+    {%- elif thinking %}
         {{- '<think>\n' }}
     {%- else %}
         {{- '<think>\n\n</think>\n\n' }}
     {%- endif %}
 {%- endif %}"""
+# The minimind2 format is the same template with its one switch off; Jinja cannot raise a clear error, so the
+# refusals of check_format (thinking, tools) are the Python side's alone.
+CHAT_TEMPLATES = {
+    "minimind-3": CHAT_TEMPLATE,
+    "minimind2": CHAT_TEMPLATE.replace("{%- set think_tags = true %}", "{%- set think_tags = false %}", 1),
+}
+
+
+def chat_format(tokenizer: Any) -> str:
+    """The chat format a tokenizer (transformers', a raw `tokenizers.Tokenizer`, or a view with `.tokenizer`)
+    goes with: "minimind-3" when it has every think and tool tag, "minimind2" when it has none. Some but not
+    all of them is no format at all (ValueError)."""
+    raw = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+    while not hasattr(raw, "token_to_id") and hasattr(raw, "tokenizer"):
+        raw = getattr(raw.tokenizer, "backend_tokenizer", None) or raw.tokenizer
+    if not hasattr(raw, "token_to_id"):
+        return "minimind-3"
+    missing = [t for t in TAGS if raw.token_to_id(t) is None]
+    if not missing:
+        return "minimind-3"
+    if len(missing) == len(TAGS):
+        return "minimind2"
+    raise ValueError(f"missing the chat tags {' '.join(missing)} (a tokenizer has all of {' '.join(TAGS)}, "
+                     "or none of them for the minimind2 chat format)")
+
+
+def check_format(chat_format: str, thinking: bool = False, tools: Any = None) -> None:
+    """Refuse what the format has no tokens for (ValueError saying so): thinking and tools in "minimind2"."""
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {chat_format!r}; expected one of {', '.join(CHAT_FORMATS)}")
+    if chat_format == "minimind2" and (thinking or tools):
+        asked = " and ".join(w for w, on in (("thinking", thinking), ("tools", tools)) if on)
+        raise ValueError(f"{asked}: this model's tokenizer has no {' '.join(TAGS)} tokens (MiniMind's minimind2 "
+                         "chat format), so it cannot think or call tools")
 
 
 # ---------------------------------------------------------------------------------------------- input
@@ -263,17 +315,20 @@ def thinking_on(enable_thinking: bool | None = None, open_thinking: bool | None 
 
 def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
                       enable_thinking: bool | None = None, open_thinking: bool | None = None,
-                      ) -> tuple[str, list[tuple[int, int]]]:
+                      chat_format: str = "minimind-3") -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; also return the [start, end) character ranges that carry loss: each assistant
     turn from just after its `<|im_start|>assistant\\n` header through its `<|im_end|>`."""
-    return _render(messages, tools, add_generation_prompt, thinking_on(enable_thinking, open_thinking))[:2]
+    return _render(messages, tools, add_generation_prompt, thinking_on(enable_thinking, open_thinking),
+                   chat_format)[:2]
 
 
 def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bool,
-            ) -> tuple[str, list[tuple[int, int]], set[int]]:
+            chat_format: str = "minimind-3") -> tuple[str, list[tuple[int, int]], set[int]]:
     """render_with_spans, plus where the template itself wrote `<|im_start|>` and `<|im_end|>`: any other
     special token in the text came from a message (or a tool) and is to be encoded as plain text."""
     messages, tools = normalize(messages, tools)
+    check_format(chat_format, thinking, tools)
+    think_tags = chat_format == "minimind-3"
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     marks: set[int] = set()
@@ -298,9 +353,9 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
         emit(TOOLS_OUTRO)
         tag(IM_END)
         emit("\n")
-    elif has_system:
+    elif has_system or not think_tags:
         tag(IM_START)
-        emit(f"system\n{system_text}")
+        emit(f"system\n{system_text if has_system else DEFAULT_SYSTEM}")
         tag(IM_END)
         emit("\n")
 
@@ -312,16 +367,18 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
             tag(IM_END)
             emit("\n")
         elif role == "assistant":
-            reasoning = m.get("reasoning_content")
-            if not isinstance(reasoning, str):
-                reasoning = ""
-                if THINK_CLOSE in content:
-                    reasoning, content = _split_think(content)
-            content, reasoning = content.lstrip("\n"), reasoning.strip("\n")
             tag(IM_START)
             emit("assistant\n")
             start = pos
-            emit(f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n{content}")
+            if think_tags:
+                reasoning = m.get("reasoning_content")
+                if not isinstance(reasoning, str):
+                    reasoning = ""
+                    if THINK_CLOSE in content:
+                        reasoning, content = _split_think(content)
+                content, reasoning = content.lstrip("\n"), reasoning.strip("\n")
+                emit(f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n")
+            emit(content)
             for j, call in enumerate(m.get("tool_calls") or []):
                 emit(("\n" if content or j > 0 else "") + _call_text(call))
             tag(IM_END)
@@ -337,16 +394,17 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
                 emit("\n")
 
     if add_generation_prompt:
-        opened = f"{THINK_OPEN}\n" if thinking else EMPTY_THINK
+        opened = "" if not think_tags else f"{THINK_OPEN}\n" if thinking else EMPTY_THINK
         tag(IM_START)
         emit(f"assistant\n{opened}")
     return "".join(parts), spans, marks
 
 
 def render(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
-           enable_thinking: bool | None = None, open_thinking: bool | None = None) -> str:
-    """The conversation as the model sees it (the same text `CHAT_TEMPLATE` produces)."""
-    return render_with_spans(messages, tools, add_generation_prompt, enable_thinking, open_thinking)[0]
+           enable_thinking: bool | None = None, open_thinking: bool | None = None,
+           chat_format: str = "minimind-3") -> str:
+    """The conversation as the model sees it (the same text `CHAT_TEMPLATES[chat_format]` produces)."""
+    return render_with_spans(messages, tools, add_generation_prompt, enable_thinking, open_thinking, chat_format)[0]
 
 
 def _ids_and_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -395,13 +453,15 @@ def _encode_as_text(tokenizer: Any, text: str, marks: set[int]) -> tuple[list[in
 
 def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation_prompt: bool = False,
                 enable_thinking: bool = False, newline_loss: bool = False) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and a 0/1 loss mask of the same length (no bos/eos added).
+    """Token ids of the rendered conversation, in the tokenizer's chat format, and a 0/1 loss mask of the same
+    length (no bos/eos added). ValueError for what that format cannot express (check_format).
 
     The text is tokenized once (special tokens inside messages as plain text); a token carries loss iff its
     character range lies inside an assistant span, so the mask is right whatever BPE merges across boundaries.
     newline_loss: the `\\n` after each assistant `<|im_end|>` carries loss too, as in MiniMind's SFT and DPO
     datasets (off by default, as in transformers and TRL: that token is the template's, not the model's)."""
-    text, spans, marks = _render(messages, tools, add_generation_prompt, bool(enable_thinking))
+    text, spans, marks = _render(messages, tools, add_generation_prompt, bool(enable_thinking),
+                                 chat_format(tokenizer))
     if newline_loss:  # the template writes a newline right after every assistant turn's <|im_end|>
         spans = [(start, end + 1) for start, end in spans]
     ids, offsets = _encode_as_text(tokenizer, text, marks)

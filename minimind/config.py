@@ -1,5 +1,5 @@
 """ModelConfig: every shape and option of a MiniMind decoder, the named presets, and the mapping to and
-from a transformers `config.json` (model_type qwen3, qwen3_moe or llama). `ModelConfig.preset("tiny")`."""
+from a transformers `config.json` (model_type qwen3, qwen3_moe, qwen2_moe or llama). `ModelConfig.preset("tiny")`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,9 @@ class ModelConfig:
     moe_intermediate_size: int | None = None  # None: intermediate_size
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 5e-4
+    # A shared expert every token goes through, scaled by a sigmoid gate (Qwen2-MoE); 0 = none. MiniMind2's MoE
+    # has one without q/k-norm: the qwen2_moe family.
+    shared_expert_intermediate_size: int = 0
     # YaRN context extension (off unless rope_scaling == "yarn")
     rope_scaling: str | None = None
     yarn_factor: float = 16.0
@@ -78,8 +81,9 @@ class ModelConfig:
             problems.append(f"head_dim ({self.head_dim}) must be even for RoPE")
         if self.use_moe and not (1 <= self.num_experts_per_tok <= self.num_experts):
             problems.append(f"num_experts_per_tok must be in 1..num_experts ({self.num_experts})")
-        if self.use_moe and not self.qk_norm:
-            problems.append("MoE models are the qwen3_moe family and need qk_norm = true")
+        if self.use_moe and self.qk_norm == bool(self.shared_expert_intermediate_size):
+            problems.append("an MoE model has q/k-norm and no shared expert (qwen3_moe) or a shared expert and no "
+                            "q/k-norm (qwen2_moe); transformers has no model type for the other combinations")
         if self.rope_scaling not in (None, "yarn"):
             problems.append(f"rope_scaling must be 'yarn' or unset, not {self.rope_scaling!r}")
         if problems:
@@ -107,7 +111,7 @@ class ModelConfig:
     @property
     def model_type(self) -> str:
         if self.use_moe:
-            return "qwen3_moe"
+            return "qwen3_moe" if self.qk_norm else "qwen2_moe"
         return "qwen3" if self.qk_norm else "llama"
 
     def num_parameters(self, active: bool = False) -> int:
@@ -118,6 +122,8 @@ class ModelConfig:
         if self.use_moe:
             experts = self.num_experts_per_tok if active else self.num_experts
             mlp = experts * 3 * d * self.moe_intermediate_size + d * self.num_experts
+            if self.shared_expert_intermediate_size:
+                mlp += 3 * d * self.shared_expert_intermediate_size + d  # the expert and its gate
         else:
             mlp = 3 * d * self.intermediate_size
         layer = attn + mlp + 2 * d
@@ -127,7 +133,8 @@ class ModelConfig:
     # ---- transformers config.json ----------------------------------------------------------------
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
-        arch = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM"}
+        arch = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                "llama": "LlamaForCausalLM"}
         rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
         if self.rope_scaling == "yarn":
             rope.update(
@@ -175,20 +182,25 @@ class ModelConfig:
                 decoder_sparse_step=1,
                 mlp_only_layers=[],
             )
+        if self.model_type == "qwen2_moe":
+            out.update(shared_expert_intermediate_size=self.shared_expert_intermediate_size, qkv_bias=False,
+                       use_sliding_window=False)
         out[EXTRA_KEY] = {"preset": self.name, "dropout": self.dropout}
         return out
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Read a transformers config (4.x or 5.x spelling) of a qwen3, qwen3_moe or llama model."""
+        """Read a transformers config (4.x or 5.x spelling) of a qwen3, qwen3_moe, qwen2_moe or llama model."""
         model_type = d.get("model_type")
-        if model_type not in ("qwen3", "qwen3_moe", "llama"):
+        if model_type not in ("qwen3", "qwen3_moe", "qwen2_moe", "llama"):
             raise MiniMindError(
-                f"{source}: model_type {model_type!r} is not supported (expected qwen3, qwen3_moe or llama)"
+                f"{source}: model_type {model_type!r} is not supported (expected qwen3, qwen3_moe, qwen2_moe or llama)"
             )
-        for flag in ("attention_bias", "mlp_bias"):
+        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
             if d.get(flag):
                 raise MiniMindError(f"{source}: {flag} = true is not supported")
+        if model_type == "qwen2_moe" and d.get("qkv_bias", True):
+            raise MiniMindError(f"{source}: qkv_bias = true (qwen2_moe's default when absent) is not supported")
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if k not in d]
         if missing:
             raise MiniMindError(f"{source}: missing field(s) {', '.join(missing)}")
@@ -212,8 +224,8 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             dropout=extra.get("dropout", d.get("attention_dropout", 0.0)),
             tie_word_embeddings=d.get("tie_word_embeddings", True),
-            qk_norm=model_type != "llama",
-            use_moe=model_type == "qwen3_moe",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            use_moe=model_type in ("qwen3_moe", "qwen2_moe"),
             bos_token_id=_first(d.get("bos_token_id"), 1),
             eos_token_id=_first(d.get("eos_token_id"), 2),
             pad_token_id=_first(d.get("pad_token_id"), 0),
@@ -229,6 +241,8 @@ class ModelConfig:
                 moe_intermediate_size=d.get("moe_intermediate_size"),
                 norm_topk_prob=d.get("norm_topk_prob", True),
                 router_aux_loss_coef=d.get("router_aux_loss_coef", 5e-4),
+                shared_expert_intermediate_size=d.get("shared_expert_intermediate_size", 0)
+                if model_type == "qwen2_moe" else 0,
             )
         if rope_type == "yarn":
             kw.update(
@@ -281,6 +295,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                             intermediate_size=1408, rms_norm_eps=1e-5, qk_norm=False),
     "minimind2": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2,
                       intermediate_size=2048, rms_norm_eps=1e-5, qk_norm=False),
+    # MiniMind2-MoE (145M): 4 routed experts (top-2) and one shared expert, each as wide as a dense FFN. Its
+    # shared expert has no gate; as qwen2_moe it gets one (5,120 parameters more, see minimind.importer).
+    "minimind2-moe": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                          intermediate_size=1728, rms_norm_eps=1e-5, qk_norm=False, use_moe=True, num_experts=4,
+                          num_experts_per_tok=2, shared_expert_intermediate_size=1728, router_aux_loss_coef=0.01),
     # A few million parameters: fast enough to train in minutes on 2 CPU cores.
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=704, max_position_embeddings=2048),

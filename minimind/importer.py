@@ -1,5 +1,11 @@
-"""Import weights into our model directory: a transformers directory (Qwen3, Qwen3-MoE, Llama, or MiniMind's
-`model_type: minimind` export) or MiniMind's native `.pth` state dict. `minimind import SRC --out DIR`."""
+"""Import weights into our model directory: a transformers directory (Qwen3, Qwen3-MoE, Qwen2-MoE, Llama, or
+MiniMind's `model_type: minimind` export) or MiniMind's native `.pth` state dict. `minimind import SRC --out DIR`.
+
+MiniMind2's MoE adds its shared experts to the routed output ungated (`y + shared(x)`). transformers has no
+model type with that and our attention (qwen2_moe always gates its shared expert by sigmoid(w . x); DeepSeek's
+ungated one comes with multi-head latent attention), so it becomes qwen2_moe with the gate's weight 0 and the
+shared down projection doubled: sigmoid(0) * 2W = W exactly, as halving and doubling are exact in floating point.
+"""
 
 from __future__ import annotations
 
@@ -64,10 +70,10 @@ def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, sour
         raise MiniMindError("no model.embed_tokens.weight in the state dict: not MiniMind's key names")
     qk_norm = any(".self_attn.q_norm." in k for k in keys)
     experts = {int(k.split(".")[5]) for k in keys if ".mlp.experts." in k and k.split(".")[5].isdigit()}
-    if any(".mlp.shared_experts." in k for k in keys):
-        raise MiniMindError("shared experts (minimind2-moe) are not supported; only the minimind-3-moe layout is")
+    shared = keys.get("model.layers.0.mlp.shared_expert.gate_proj.weight")
     if preset is None:
-        preset = "minimind-3" if qk_norm else ("minimind2-small" if embed.shape[1] == 512 else "minimind2")
+        preset = ("minimind-3" if qk_norm else "minimind2-moe" if shared is not None
+                  else "minimind2-small" if embed.shape[1] == 512 else "minimind2")
     seen: dict[str, Any] = dict(vocab_size=embed.shape[0], hidden_size=embed.shape[1], qk_norm=qk_norm,
                                 num_hidden_layers=layer_count(keys, source), use_moe=bool(experts))
     if experts:
@@ -81,9 +87,14 @@ def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, sour
     gate = keys.get(layer0 + "mlp.experts.0.gate_proj.weight" if experts else layer0 + "mlp.gate_proj.weight")
     if gate is not None:
         seen["moe_intermediate_size" if experts else "intermediate_size"] = gate.shape[0]
+    if experts:
+        seen["shared_expert_intermediate_size"] = 0 if shared is None else shared.shape[0]
     if "lm_head.weight" in keys and not torch.equal(keys["lm_head.weight"], embed):
         seen["tie_word_embeddings"] = False
     fields = {**seen, **{k: v for k, v in overrides.items() if v is not None}}
+    if shared is not None:  # MiniMind2's router renormalises the top-k weights only when k > 1
+        k = fields.get("num_experts_per_tok") or PRESETS[preset].get("num_experts_per_tok", 1)
+        fields.setdefault("norm_topk_prob", k > 1)
     if fields.get("hidden_size") != PRESETS.get(preset, {}).get("hidden_size"):
         # then the preset's head_dim and FFN width do not apply: MiniMind's rules derive them from hidden_size
         fields.setdefault("intermediate_size", None)
@@ -91,10 +102,42 @@ def infer_config(state: dict[str, torch.Tensor], preset: str | None = None, sour
     return ModelConfig.preset(preset, **fields)
 
 
+def gate_shared_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MiniMind2's ungated shared experts (`mlp.shared_experts.K.*`) as one qwen2_moe shared expert with its
+    gate: several experts are one expert of their summed width (SwiGLU is per hidden unit), and the gate's
+    weight 0 with the down projection doubled gives exactly the ungated sum (see the module docstring)."""
+    import torch
+
+    keys = {_strip(k): v for k, v in state.items()}
+    out = {k: v for k, v in keys.items() if ".mlp.shared_experts." not in k}
+    layers = sorted({k.split(".mlp.shared_experts.")[0] for k in keys if ".mlp.shared_experts." in k})
+    for layer in layers:
+        base = f"{layer}.mlp.shared_experts."
+        count = len({k[len(base):].split(".")[0] for k in keys if k.startswith(base)})
+        parts = {p: [keys[f"{base}{i}.{p}.weight"] for i in range(count)]
+                 for p in ("gate_proj", "up_proj", "down_proj")}
+        out[f"{layer}.mlp.shared_expert.gate_proj.weight"] = torch.cat(parts["gate_proj"], 0)
+        out[f"{layer}.mlp.shared_expert.up_proj.weight"] = torch.cat(parts["up_proj"], 0)
+        out[f"{layer}.mlp.shared_expert.down_proj.weight"] = torch.cat(parts["down_proj"], 1) * 2
+        down = parts["down_proj"][0]
+        out[f"{layer}.mlp.shared_expert_gate.weight"] = torch.zeros(1, down.shape[0], dtype=down.dtype)
+    return out
+
+
 def _minimind_hf_dict(d: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """MiniMind's custom-code export (`model_type: minimind`) as the qwen3 / qwen3_moe / llama config it equals."""
+    """MiniMind's custom-code export (`model_type: minimind`) as the qwen3 / qwen3_moe / qwen2_moe / llama
+    config it equals (`state` with its shared experts already gated)."""
     qk_norm = any(".self_attn.q_norm." in _strip(k) for k in state)
-    out = {**d, "model_type": "qwen3_moe" if d.get("use_moe") else ("qwen3" if qk_norm else "llama")}
+    shared = state.get("model.layers.0.mlp.shared_expert.gate_proj.weight")
+    moe = "qwen3_moe" if qk_norm else "qwen2_moe"
+    out = {**d, "model_type": moe if d.get("use_moe") else ("qwen3" if qk_norm else "llama")}
+    if d.get("use_moe"):
+        out.setdefault("num_experts", d.get("n_routed_experts", 4))
+        if "aux_loss_alpha" in d:
+            out.setdefault("router_aux_loss_coef", d["aux_loss_alpha"])
+        if shared is not None:
+            out.update(shared_expert_intermediate_size=shared.shape[0], qkv_bias=False,
+                       norm_topk_prob=bool(d.get("norm_topk_prob", True)) and out.get("num_experts_per_tok", 2) > 1)
     if d.get("inference_rope_scaling") and not d.get("rope_scaling"):
         out["rope_scaling"] = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048,
                                "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
@@ -141,11 +184,12 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
             raise MiniMindError(f"{path}: invalid JSON ({e})") from None
         state = read_state_dict(src)
         if isinstance(raw, dict) and raw.get("model_type") == "minimind":
+            state = gate_shared_experts(state)
             raw = _minimind_hf_dict(raw, state)
         cfg = ModelConfig.from_hf_dict(raw, source=str(path))
         source = str(src)
     else:
-        state = read_pth(src)
+        state = gate_shared_experts(read_pth(src))
         source = str(src)
         cfg = infer_config(state, preset, source, **overrides)
     cfg = cfg.with_rope_scaling(rope_scaling)

@@ -1,7 +1,7 @@
 """The MiniMind decoder: pre-norm, RMSNorm, RoPE (+YaRN), grouped-query attention with optional q/k-norm,
 SwiGLU or mixture-of-experts feed-forward, and a KV cache. `MiniMindForCausalLM(ModelConfig.preset("tiny"))`.
 
-Parameter names are transformers' (Qwen3 / Qwen3-MoE / Llama), so a state dict moves between the two as is.
+Parameter names are transformers' (Qwen3 / Qwen3-MoE / Qwen2-MoE / Llama), so a state dict moves between the two as is.
 """
 
 from __future__ import annotations
@@ -230,7 +230,9 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Softmax router over `num_experts` SwiGLU experts; each token goes to its top-k, weights renormalised."""
+    """Softmax router over `num_experts` SwiGLU experts; each token goes to its top-k, weights renormalised if
+    norm_topk_prob. With shared_expert_intermediate_size, every token also goes through one shared expert,
+    scaled by sigmoid(shared_expert_gate(x)), as in transformers' Qwen2-MoE."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -238,6 +240,10 @@ class MoE(nn.Module):
         self.norm_topk_prob, self.aux_coef = cfg.norm_topk_prob, cfg.router_aux_loss_coef
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.shared_expert = None
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -261,6 +267,8 @@ class MoE(nn.Module):
             start += n
             y = self.experts[e](x[tokens]) * weights.flatten()[idx, None]
             out.index_add_(0, tokens, y.to(out.dtype))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         # Switch-style load balancing: coef * E * sum_e(fraction of assignments to e * mean router prob of e).
         load = torch.tensor(counts, dtype=torch.float32, device=x.device) / max(chosen.numel(), 1)
         aux = self.aux_coef * self.n_experts * (load * probs.mean(0)).sum()

@@ -13,7 +13,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerFast
 
 from minimind import MiniMindError
-from minimind.chat import CHAT_TEMPLATE, render
+from minimind.chat import CHAT_TEMPLATE, CHAT_TEMPLATES, chat_format, render
 
 # MiniMind's added tokens in id order (0..35). Its published weights index them by these ids.
 SPECIAL_TOKENS = [
@@ -29,7 +29,6 @@ SPECIAL_TOKENS = [
 # because the parsers in chat.py read them from decoded text.
 NUM_SPECIAL = 21
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-REQUIRED_TAGS = ("<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 
 # Qwen2's pre-tokenizer split. llama.cpp knows it by name, so a GGUF export tokenizes exactly as we do.
 QWEN2_SPLIT_REGEX = (
@@ -151,7 +150,9 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> N
     }
     names = {"bos_token": tokenizer.bos_token or BOS, "eos_token": tokenizer.eos_token or EOS,
              "pad_token": tokenizer.pad_token or PAD, "unk_token": tokenizer.unk_token or PAD}
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else CHAT_TEMPLATE
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        template = CHAT_TEMPLATES[_format(tokenizer, out / "tokenizer.json")]
     config = {
         "add_bos_token": False,
         "add_eos_token": False,
@@ -174,8 +175,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a tokenizer directory (or its tokenizer.json) and check it is one our chat format can use:
-    `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` at ids 0, 1, 2 and the think/tool tags present."""
+    """Load a tokenizer directory (or its tokenizer.json) and check it is one our chat formats can use:
+    `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` at ids 0, 1, 2, and either all the think/tool tags (the
+    minimind-3 format) or none of them (MiniMind2's tokenizer: the minimind2 format, see minimind.chat)."""
     path = Path(path)
     directory = path.parent if path.name == "tokenizer.json" else path
     file = directory / "tokenizer.json"
@@ -198,9 +200,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         if got != want_id:
             found = "missing" if got is None else f"at {got}"
             raise MiniMindError(f"{file}: {token} must be id {want_id}, but it is {found}")
-    missing = [t for t in REQUIRED_TAGS if t not in vocab]
-    if missing:
-        raise MiniMindError(f"{file}: missing the chat tags {' '.join(missing)}")
+    fmt = _format(tok, file)
     # Older or foreign tokenizer directories may lack these; fill in what our chat format needs.
     if tok.eos_token is None:
         tok.eos_token = EOS
@@ -209,8 +209,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if tok.pad_token is None:
         tok.pad_token = PAD
     if not tok.chat_template:
-        tok.chat_template = CHAT_TEMPLATE
+        tok.chat_template = CHAT_TEMPLATES[fmt]
     return tok
+
+
+def _format(tokenizer: Any, file: Path) -> str:
+    try:
+        return chat_format(tokenizer)
+    except ValueError as e:
+        raise MiniMindError(f"{file}: {e}") from None
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,6 +14,9 @@ FAMILIES = {
     "qwen3": dict(SMALL),
     "qwen3_moe": dict(SMALL, use_moe=True, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96),
     "llama": dict(SMALL, qk_norm=False, rms_norm_eps=1e-5),
+    # MiniMind2's MoE: a shared expert beside the routed ones, no q/k-norm
+    "qwen2_moe": dict(SMALL, qk_norm=False, rms_norm_eps=1e-5, use_moe=True, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=96, shared_expert_intermediate_size=80),
 }
 
 

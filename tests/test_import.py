@@ -48,7 +48,7 @@ def transformers_model(family: str, vocab: int):
 def test_import_transformers_directory(family, tokenizer, tmp_path):
     theirs = transformers_model(family, len(tokenizer))
     assert type(theirs).__name__ == {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                     "llama": "LlamaForCausalLM"}[family]
+                                     "qwen2_moe": "Qwen2MoeForCausalLM", "llama": "LlamaForCausalLM"}[family]
     src = tmp_path / "hf"
     theirs.save_pretrained(src)
     # Without a tokenizer in SRC or --tokenizer: a clear error, nothing written.

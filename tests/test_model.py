@@ -18,6 +18,8 @@ EXPECTED = {
     "minimind-3-moe": (198_416_640, 63_936_768),
     "minimind2-small": (25_829_888, 25_829_888),
     "minimind2": (104_030_976, 104_030_976),
+    # MiniMind's own count is 145,029,760: ours adds the qwen2_moe shared-expert gate, 640 weights per layer
+    "minimind2-moe": (145_034_880, 91_950_720),
 }
 
 
@@ -60,7 +62,7 @@ def test_logits_match_transformers(family, tmp_path):
     assert config["model_type"] == family
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(theirs).__name__ == {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                                     "llama": "LlamaForCausalLM"}[family]
+                                     "qwen2_moe": "Qwen2MoeForCausalLM", "llama": "LlamaForCausalLM"}[family]
     ids, mask = padded_batch(ours.config.vocab_size)
     with torch.no_grad():
         a = ours(ids, attention_mask=mask).logits

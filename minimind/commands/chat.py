@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from minimind import MiniMindError
-from minimind.commands.flags import add_model_flags, add_sampling_flags, load_model_from, sampling_from
+from minimind.commands.flags import add_model_flags, add_sampling_flags, check_chat, load_model_from, sampling_from
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -18,6 +18,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load_model_from(args)
+    if not args.raw:
+        check_chat(args, tokenizer)
     if args.raw:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
     else:
@@ -50,6 +52,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         tools = tool_schemas(args.tools.split(",") if args.tools != "all" else None) if args.tools else None
     except ValueError as e:
         raise MiniMindError(f"--tools: {e}") from None
+    check_chat(args, tokenizer, tools)
     dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
     n_params = sum(p.numel() for p in model.parameters())
     weights = model.model.embed_tokens.weight

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from minimind import MiniMindError
-from minimind.commands.flags import add_model_flags, load_model_from
+from minimind.commands.flags import add_model_flags, check_chat, load_model_from
 
 TASKS = ("ppl", "mc", "gsm8k", "probes")
 
@@ -155,6 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.progress is None:
         args.progress = sys.stderr.isatty()
     model, tokenizer = load_model_from(args)
+    check_chat(args, tokenizer)
     start = time.perf_counter()
     out, table, summary = RUNNERS[args.task](model, tokenizer, args)
     seconds = time.perf_counter() - start

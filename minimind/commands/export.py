@@ -68,17 +68,18 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def add_import_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import a transformers directory or a MiniMind .pth into a model directory",
-                       description="SRC is a transformers model directory (qwen3, qwen3_moe, llama, or MiniMind's "
-                       "model_type=minimind export; e.g. a download of jingyaogong/minimind-3) or MiniMind's "
-                       "native state dict (full_sft_768.pth). For a .pth the shapes come from --preset, then "
-                       "from the weights, then from the flags below.")
+                       description="SRC is a transformers model directory (qwen3, qwen3_moe, qwen2_moe, llama, or "
+                       "MiniMind's model_type=minimind export; e.g. a download of jingyaogong/minimind-3) or "
+                       "MiniMind's native state dict (full_sft_768.pth). For a .pth the shapes come from --preset, "
+                       "then from the weights, then from the flags below. MiniMind2's weights need MiniMind2's own "
+                       "tokenizer (--tokenizer): it has no think or tool tokens, and selects MiniMind2's chat format.")
     p.add_argument("src", help="transformers model directory or .pth file")
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (required when SRC has no tokenizer.json)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="convert the weights (default: as stored)")
     add_rope_scaling_flag(p, "the RoPE scaling written to config.json, for SRC of either kind")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
-                   help=".pth only: base config (default: minimind-3, or minimind2/-small without q/k-norm)")
+                   help=".pth only: base config (default: minimind-3, or minimind2/-small/-moe without q/k-norm)")
     for name in CONFIG_FLAGS:
         if name == "use_moe":
             p.add_argument("--use-moe", "--use_moe", dest="use_moe", type=int, choices=[0, 1], default=None,

@@ -56,6 +56,18 @@ def load_model_from(args: argparse.Namespace) -> tuple[Any, Any]:
                               quantize=args.quantize, rope_scaling=args.rope_scaling)
 
 
+def check_chat(args: argparse.Namespace, tokenizer: Any, tools: Any = None) -> None:
+    """Before any work: a clear error when --think or tools ask for what the model's chat format has no tokens
+    for (a minimind2-era tokenizer has no think or tool tags)."""
+    from minimind import MiniMindError
+    from minimind.chat import chat_format, check_format
+
+    try:
+        check_format(chat_format(tokenizer), bool(getattr(args, "think", False)), tools)
+    except ValueError as e:
+        raise MiniMindError(f"{args.model}: {e}") from None
+
+
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
     """SamplingParams from the sampling flags over the model's generation_config.json."""
     from minimind.inference import sampling_params

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from minimind.chat import encode_chat
+from minimind.chat import chat_format, encode_chat
 from minimind.data.tasks import REASONING_FAMILIES, is_correct, prompt_row
 from minimind.generation import Completion, SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
@@ -58,13 +58,15 @@ def answer_tasks(model: MiniMindForCausalLM, tokenizer, rows: Sequence[dict], en
     from tqdm import tqdm
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    fmt = chat_format(tokenizer)
     bar = tqdm(total=len(rows), desc="probes", unit=" tasks", disable=not progress, leave=False)
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo:lo + batch_size]
         prompts, thinking = [], []
         for row in chunk:
             prompt = prompt_row(row)
-            think = thinks(row) if enable_thinking is None else enable_thinking
+            # A minimind2-era tokenizer has no think tokens: such a model was taught no thinking.
+            think = thinks(row) and fmt == "minimind-3" if enable_thinking is None else enable_thinking
             ids, _ = encode_chat(tokenizer, prompt["conversations"], tools=prompt.get("tools"),
                                  add_generation_prompt=True, enable_thinking=think)
             prompts.append(ids)

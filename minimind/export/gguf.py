@@ -187,6 +187,11 @@ def tokenizer_metadata(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
 
 def model_metadata(cfg: ModelConfig, qtype: str, name: str) -> dict[str, Any]:
     """general.* and <arch>.* keys as llama.cpp reads them for this model."""
+    if cfg.model_type not in ARCHITECTURES:
+        # llama.cpp's qwen2moe does not renormalise the top-k weights (MiniMind2's MoE does, with k = 2), so
+        # its output would differ; a mapping that could be checked against llama.cpp is future work.
+        raise MiniMindError(f"config.json: model_type {cfg.model_type} (an MoE with a shared expert, e.g. MiniMind2's) "
+                            f"cannot be exported to GGUF yet; {', '.join(ARCHITECTURES)} can")
     arch = gguf.MODEL_ARCH_NAMES[ARCHITECTURES[cfg.model_type]]
     if cfg.use_moe and not cfg.norm_topk_prob:
         raise MiniMindError("config.json: norm_topk_prob = false cannot be exported: llama.cpp's qwen3moe always "

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind.chat import AssistantParser, encode_chat, render
+from minimind.chat import AssistantParser, chat_format, check_format, encode_chat, render
 from minimind.generation import Completion, SamplingParams
 from minimind.serve.scheduler import Event, QueueFull, Scheduler
 from minimind.serve.schemas import (
@@ -159,6 +159,7 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
     app = FastAPI(title="minimind", lifespan=_lifespan, **off)
     state = app.state
     state.model, state.tokenizer, state.name = model, tokenizer, name
+    state.chat_format = chat_format(tokenizer)
     state.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     state.dispatcher = Dispatcher()
     state.context = max_model_len or context
@@ -291,6 +292,11 @@ async def chat(request: Request):
         raise APIError(400, "messages must contain at least one message", param="messages",
                        code="empty_messages")
     thinking, tools = chat_options(req)
+    try:
+        check_format(state.chat_format, thinking, tools)
+    except ValueError as e:  # a minimind2-era model has no tokens for thinking or tools
+        raise APIError(400, str(e), param="tools" if tools else "enable_thinking",
+                       code="unsupported_by_model") from None
     ids = await asyncio.to_thread(_encode_messages, state, req.messages, tools, thinking)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults,
@@ -360,7 +366,8 @@ def _encode_messages(state, messages: list[dict], tools: list[dict] | None, thin
     """The prompt's token ids (run off the event loop: a long prompt takes a while to tokenize). A text too
     long for the context by its length alone is refused before it is tokenized."""
     try:
-        text = render(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking)
+        text = render(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking,
+                      chat_format=state.chat_format)
         if len(text) > state.max_prompt_chars:
             raise prompt_too_long(len(text), state.context, "messages")
         ids, _ = encode_chat(state.tokenizer, messages, tools=tools, add_generation_prompt=True,

@@ -10,7 +10,6 @@ import torch
 from conftest import CORPUS, small_model
 from safetensors.torch import load_file
 
-from minimind import MiniMindError
 from minimind.data.pack import pack
 from minimind.model import document_positions
 from minimind.tokenizer import save_tokenizer
@@ -51,7 +50,7 @@ def test_collate_splits_rows_at_each_bos(corpus, tokenizer):
         assert doc == [sum(s <= i for s in starts) for i in range(len(row))]
         # the packer's layout: each document ends with eos just before the next one's bos
         assert all(row[s - 1] == eos for s in starts if s)
-    assert "document_ids" not in PretrainStage(TrainConfig(), tokenizer).collate(rows(corpus, tokenizer))
+    assert "document_ids" not in PretrainStage(TrainConfig(doc_mask=False), tokenizer).collate(rows(corpus, tokenizer))
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["sdpa", "blocked"])
@@ -81,9 +80,11 @@ def test_document_ids_refuse_a_kv_cache():
               cache=model.new_cache(1, 8))
 
 
-def test_doc_mask_is_for_pretraining_only(tokenizer):
-    with pytest.raises(MiniMindError, match="doc_mask .* a sft row holds one conversation"):
-        SFTStage(TrainConfig(stage="sft", doc_mask=True), tokenizer)
+def test_doc_mask_is_on_by_default_and_leaves_sft_rows_whole(corpus, tokenizer):
+    assert TrainConfig().doc_mask and not load_config(None, ["--no-doc-mask"]).doc_mask
+    row = np.array(tokenizer.convert_tokens_to_ids(["<|im_start|>", "user", "<|im_end|>", "<|im_start|>"]))
+    batch = SFTStage(TrainConfig(stage="sft"), tokenizer).collate([(row, np.ones(len(row), dtype=np.uint8))])
+    assert "document_ids" not in batch  # an SFT row is one conversation, each of whose turns opens with a bos
 
 
 def test_the_mask_changes_the_loss(corpus, tokenizer):

@@ -7,7 +7,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minimind import MiniMindError
 from minimind.data.pack import pack
 from minimind.data.pack_workers import BOS
 from minimind.logprobs import cross_entropy_sum
@@ -41,9 +40,6 @@ class PretrainStage(Stage):
 
     def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
         super().__init__(cfg, tokenizer, dist)
-        if cfg.doc_mask and self.kind != "pretrain":
-            raise MiniMindError(f"doc_mask splits packed pretraining rows into their documents; a {self.kind} row "
-                                "holds one conversation, so set doc_mask = false")
         self.bos = tokenizer.convert_tokens_to_ids(BOS)
 
     def dataset(self, path: str):
@@ -58,6 +54,7 @@ class PretrainStage(Stage):
     def collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
         batch = {"input_ids": ids, "labels": ids}  # packed rows are full: every position is a target
+        # (SFT's collate has no such split: its row is one conversation, whose turns each open with a bos.)
         if self.cfg.doc_mask:
             batch["document_ids"] = document_ids(ids, self.bos)
         return batch

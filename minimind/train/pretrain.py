@@ -30,8 +30,8 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
 
 def document_ids(ids: torch.Tensor, bos: int) -> torch.Tensor:
     """Which document each token of packed rows [B, T] belongs to: the packer starts every document with
-    `bos`, so a new one begins at each. (A `bos` written inside a text, as in MiniMind's pretrain files that
-    wrap each of several texts in <|im_start|>...<|im_end|>, starts one too.)"""
+    `bos`, so a new one begins at each (a literal <|im_start|> inside a text, which the tokenizer reads as
+    that token, starts one too)."""
     return (ids == bos).cumsum(-1)
 
 

@@ -84,6 +84,14 @@ class RotaryEmbedding(nn.Module):
         return cos[:, None].to(dtype), sin[:, None].to(dtype)
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions [B, T] that restart at 0 wherever document_ids [B, T] changes value."""
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = F.pad(document_ids[:, 1:] != document_ids[:, :-1], (1, 0), value=True)
+    return index - torch.where(starts, index, 0).cummax(-1).values
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x [B, H, T, D] with cos/sin [B, 1, T, D] from RotaryEmbedding (sin pre-signed)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
@@ -206,7 +214,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        # Without a cache every mask here is causal (plus padding), as blocked_attention requires.
+        # Without a cache every mask here is causal (plus padding or documents), as blocked_attention requires.
         if cache is None and T > 1 and not dropout and blocked_attention.usable(q):
             out = blocked_attention.causal_attention(q, k, v, mask)
         else:
@@ -335,25 +343,32 @@ class MiniMindForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                logits_mask: torch.Tensor | None = None) -> CausalLMOutput:
+                logits_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) covers these T tokens only: the
         cache remembers earlier ones. labels [B, T] are the targets unshifted (-100 = no loss), as in
         transformers. logits_to_keep=N returns logits for the last N positions only (0 = all).
         logits_mask [B, T] (bool) returns logits [N, V] for the N positions where it is True, in row-major
-        order: training skips the output head where there is no target (most of an SFT row's prompt)."""
+        order: training skips the output head where there is no target (most of an SFT row's prompt).
+        document_ids [B, T] (integers, equal within a document, changing where one starts) splits packed
+        rows: a token attends only to its own document and positions restart at 0 at each document start,
+        so each document gets the logits it would get alone."""
         B, T = input_ids.shape
         if logits_mask is not None and (labels is not None or logits_to_keep):
             raise ValueError("logits_mask cannot be combined with labels or logits_to_keep")
+        if document_ids is not None and cache is not None:
+            raise ValueError("document_ids splits whole packed rows; it cannot be combined with a KV cache")
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {past + T} requested")
-        if position_ids is None:
+        if position_ids is None and document_ids is not None:
+            position_ids = document_positions(document_ids)
+        elif position_ids is None:
             offset = cache.next_pos[:, None] if cache is not None else 0
             if attention_mask is None:
                 position_ids = offset + torch.arange(T, device=input_ids.device)[None].expand(B, T)
             else:
                 position_ids = offset + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        mask, is_causal = self._attention_mask(attention_mask, cache, B, T, input_ids.device)
+        mask, is_causal = self._attention_mask(attention_mask, cache, B, T, input_ids.device, document_ids)
 
         x = self.model.embed_tokens(input_ids)
         if self.training and self.model.dropout:
@@ -381,9 +396,11 @@ class MiniMindForCausalLM(nn.Module):
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int,
-                        device: torch.device) -> tuple[torch.Tensor | None, bool]:
+                        device: torch.device, document_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor | None, bool]:
         """Pick SDPA's fastest correct form: is_causal for plain prefill, no mask for unpadded decoding,
-        and an explicit boolean mask [B, 1, T, past+T] only when there is padding or a chunked prefill."""
+        and an explicit boolean mask [B, 1, T, past+T] only when there is padding, a chunked prefill or
+        more than one document in a row."""
         past = cache.length if cache is not None else 0
         padded = attention_mask is not None and not bool(attention_mask.all())
         if cache is not None:
@@ -391,7 +408,7 @@ class MiniMindForCausalLM(nn.Module):
                 cache.valid[:, past:past + T] = attention_mask.bool()
             cache.has_padding = cache.has_padding or padded
             padded = cache.has_padding
-        if not padded:
+        if not padded and document_ids is None:
             if past == 0:
                 return None, T > 1
             if T == 1:
@@ -407,6 +424,8 @@ class MiniMindForCausalLM(nn.Module):
         else:
             valid = torch.ones(B, S, dtype=torch.bool, device=device)
         mask = allowed[None] & valid[:, None, :]
+        if document_ids is not None:  # (no cache here, so keys and queries are the same T positions)
+            mask &= document_ids[:, :, None] == document_ids[:, None, :]
         # A padding query would see no key at all (its softmax is NaN); let it see itself instead.
         mask |= keys[None, None, :] == queries[None, :, None]
         return mask[:, None], False

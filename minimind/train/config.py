@@ -24,6 +24,7 @@ class TrainConfig:
     data: str = ""  # training file (MiniMind JSONL, or .txt for pretraining)
     val_data: str = ""  # optional held-out file of the same kind for validation loss
     skip_bad: bool = False  # skip (and count) bad lines instead of refusing the file
+    doc_mask: bool = True  # pretrain: each packed document attends only to itself, RoPE positions restart
     workers: int = 0  # tokenizer processes for packing (0: one per CPU core)
     cache_dir: str = ""  # packed-data cache (default: $MINIMIND_CACHE or ~/.cache/minimind/packed)
     system_prompt_prob: float = 0.0  # SFT: add a random system prompt to this share of chats (MiniMind: 0.2)

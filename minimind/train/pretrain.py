@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from minimind.data.pack import pack
+from minimind.data.pack_workers import BOS
 from minimind.logprobs import cross_entropy_sum
-from minimind.train.stage import Stage
+from minimind.train.config import TrainConfig
+from minimind.train.stage import Dist, Stage
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
@@ -19,14 +21,26 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
     labels = batch["labels"][:, 1:]
     target = labels != -100
     # Position t predicts label t + 1: the output head runs only where that label is a target.
-    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_mask=F.pad(target, (0, 1)))
+    out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_mask=F.pad(target, (0, 1)),
+                document_ids=batch.get("document_ids"))
     loss = cross_entropy_sum(out.logits, labels[target], weight)
     extra = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
     return loss, int(target.sum()), extra
 
 
+def document_ids(ids: torch.Tensor, bos: int) -> torch.Tensor:
+    """Which document each token of packed rows [B, T] belongs to: the packer starts every document with
+    `bos`, so a new one begins at each (a literal <|im_start|> inside a text, which the tokenizer reads as
+    that token, starts one too)."""
+    return (ids == bos).cumsum(-1)
+
+
 class PretrainStage(Stage):
     kind = "pretrain"
+
+    def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
+        super().__init__(cfg, tokenizer, dist)
+        self.bos = tokenizer.convert_tokens_to_ids(BOS)
 
     def dataset(self, path: str):
         return pack(path, self.tokenizer, self.kind, self.cfg.seq_len, cache_dir=self.cfg.cache_dir or None,
@@ -39,6 +53,10 @@ class PretrainStage(Stage):
 
     def collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
         ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
-        return {"input_ids": ids, "labels": ids}  # packed rows are full: every position is a target
+        batch = {"input_ids": ids, "labels": ids}  # packed rows are full: every position is a target
+        # (SFT's collate has no such split: its row is one conversation, whose turns each open with a bos.)
+        if self.cfg.doc_mask:
+            batch["document_ids"] = document_ids(ids, self.bos)
+        return batch
 
     loss = staticmethod(token_loss)

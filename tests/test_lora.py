@@ -292,7 +292,7 @@ def reply_nll(model, tokenizer, question: str, reply: str) -> float:
 def test_identity_example_teaches_the_new_name(sft_model_dir, tmp_path):
     from minimind.tokenizer import load_tokenizer
 
-    rows = lora_example(sft_model_dir, tmp_path / "example", rows=96, steps=12, lr=2e-2, batch_size=8, max_new_tokens=8,
+    rows = lora_example(sft_model_dir, tmp_path / "example", rows=96, steps=16, lr=2e-2, batch_size=8, max_new_tokens=8,
                         questions=("Who are you?", "你是谁？"), dtype="float32", threads=2)
     assert [q for q, _, _ in rows] == ["Who are you?", "你是谁？"]
     assert all(isinstance(b, str) and isinstance(a, str) for _, b, a in rows)

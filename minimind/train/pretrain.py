@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from minimind.data.pack import pack
 from minimind.logprobs import cross_entropy_sum
-from minimind.train.stage import Stage
+from minimind.train.stage import Stage, target_tokens
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
@@ -42,3 +42,8 @@ class PretrainStage(Stage):
         return {"input_ids": ids, "labels": ids}  # packed rows are full: every position is a target
 
     loss = staticmethod(token_loss)
+
+    def flop_shape(self, batch: dict[str, torch.Tensor]) -> tuple[list[int], int]:
+        """Packed rows are full; token_loss runs the output head at target positions only."""
+        ids = batch["input_ids"]
+        return [ids.shape[1]] * ids.shape[0], target_tokens(batch)

@@ -82,6 +82,7 @@ class Stage(ABC):
       collate(rows) -> batch        per micro-batch of rows
       prepare(model, micro)         turn each step's micro-batches into training batches (RL rollouts)
       count(batch), loss(model, batch)   per micro-batch, for the gradient
+      flop_shape(batch)             per micro-batch, for MFU: real tokens per row, output-head positions
       state() -> dict               with every checkpoint: whatever else decides the next steps (tensors,
                                     numbers, strings, lists and dicts only: it is read with weights_only)
       save(model, out, tokenizer)   once at the end, into run_dir / output
@@ -118,6 +119,14 @@ class Stage(ABC):
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """(sum of per-unit losses, number of units, extra metrics) of one batch."""
+
+    def flop_shape(self, batch: Batch) -> tuple[list[int], int]:
+        """(real tokens of each row, positions the output head runs at) of a training batch, for MFU
+        (loop.batch_flops): by default every position, less padding where an attention_mask marks it."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+        return lengths, sum(lengths)
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -27,14 +27,17 @@ from minimind.train.loop import (
     batch_flops,
     epoch_order,
     eval_due,
+    evaluate,
     global_rows,
     log_step,
     lr_scale,
     make_plan,
     next_batches,
+    plot_losses,
     progress_bar,
     smooth,
     train,
+    validate,
 )
 from minimind.train.pretrain import PretrainStage
 from minimind.train.stage import Dist
@@ -513,6 +516,30 @@ def test_validation_runs_evals_times_spread_over_the_run_or_every_n_steps():
     assert [s for s in range(1, 101) if eval_due(TrainConfig(evals=8), s, 100)] == [13, 26, 39, 52, 65, 78, 91, 100]
     assert [s for s in range(1, 101) if eval_due(TrainConfig(eval_every=30), s, 100)] == [30, 60, 90, 100]
     assert [s for s in range(1, 7) if eval_due(TrainConfig(evals=1), s, 6)] == [6]
+
+
+def test_validation_curve_points_read_a_prefix_of_the_full_evaluation(tmp_path):
+    from contextlib import nullcontext
+
+    model, stage, cpu = small_model("qwen3"), PretrainStage(TrainConfig(), None), torch.device("cpu")
+    rows = [(np.random.default_rng(i).integers(3, 320, 16), None) for i in range(10)]
+    cfg = TrainConfig(batch_size=2, eval_batches=5)  # the curve's points read 5 // 5 = 1 batch
+    full, part = evaluate(model, stage, rows, 5, 1, cfg, cpu, nullcontext(), Dist())
+    assert part == pytest.approx(evaluate(model, stage, rows, 1, 0, cfg, cpu, nullcontext(), Dist())[0], rel=1e-6)
+    assert abs(part - full) > 1e-4
+    for c in (cfg, TrainConfig(batch_size=2, eval_batches=5, eval_every=5)):
+        run = tmp_path / str(c.eval_every)
+        run.mkdir()
+        loggers, bar = Loggers(c, run), progress_bar(10, 0, True, False)
+        for step in (5, 10):
+            validate(model, stage, rows, c, cpu, nullcontext(), Dist(), step, 10, bar, loggers)
+        plot_losses(run / "metrics.jsonl", run / "loss.png")
+        assert (run / "loss.png").is_file()
+    records = [json.loads(line) for line in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 5, "val_loss_subset": round(part, 6)},
+                       {"step": 10, "val_loss": round(full, 6), "val_loss_subset": round(part, 6)}]
+    assert metric(tmp_path / "5", "val_loss") == [round(full, 6)] * 2  # eval_every: full evaluations only
+    assert metric(tmp_path / "5", "val_loss_subset") == []
 
 
 def test_the_plotted_train_curve_is_a_centred_moving_average():

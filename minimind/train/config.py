@@ -61,9 +61,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads per process (0: torch's default)
     # bookkeeping
     log_every: int = 10
-    eval_every: int = 0  # validation every N steps (0: `evals` times, spread over the run; always at the end)
-    evals: int = 8  # with eval_every = 0: validation points per run
-    eval_batches: int = 20  # each validation reads the first eval_batches x batch_size rows
+    eval_every: int = 0  # full validation every N steps (0: only at the end, plus `evals` cheap curve points)
+    evals: int = 6  # with eval_every = 0: validation-curve points per run, each on the first eval_batches // 5
+    eval_batches: int = 20  # a full validation reads the first eval_batches x batch_size rows
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 2
     resume: bool = False

@@ -315,14 +315,12 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
         if at.step % cfg.log_every == 0 or last or at.step == clock.start_step + 1:
             log_step(at.step, plan.total, train_loss, cfg.lr * scale, grad_norm, extras, peak, clock, device, d, bar,
                      loggers)
+        paused = time.perf_counter()
         if val is not None and eval_due(cfg, at.step, plan.total):
-            val_loss = evaluate(model, stage, val, cfg, device, autocast, d)
-            bar.write(f"step {at.step}/{plan.total} | validation loss {val_loss:.4f}")
-            if loggers:
-                loggers.log({"step": at.step, "val_loss": round(val_loss, 6)})
-            model.train()
+            validate(model, stage, val, cfg, device, autocast, d, at.step, plan.total, bar, loggers)
         if (cfg.save_every and at.step % cfg.save_every == 0) or last:
             checkpoint(cfg, model, stage, optimizers, scaler, plan, at, d, device)
+        clock.t_last += time.perf_counter() - paused  # tokens/s and MFU measure training, not evaluating or saving
     bar.close()
     return finish(cfg, model, tokenizer, stage, loggers, d, say)
 
@@ -505,9 +503,9 @@ def log_step(step: int, total: int, train_loss: float, lr: float, grad_norm: flo
 
 
 def eval_due(cfg: TrainConfig, step: int, total: int) -> bool:
-    """Validation every eval_every steps or, by default, `evals` times spread over the run, and at the end. A
-    time-budgeted run settles its length from its 5th step on (fit_to_budget), so its points spread over the
-    steps it will take."""
+    """Validation (see validate) every eval_every steps or, by default, `evals` times spread over the run, and at
+    the end. A time-budgeted run settles its length from its 5th step on (fit_to_budget), so its points spread
+    over the steps it will take."""
     every = cfg.eval_every or math.ceil(total / max(cfg.evals, 1))
     return step % every == 0 or step == total
 
@@ -562,21 +560,48 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, tokenizer, stage: Stage, lo
 
 
 @torch.no_grad()
-def evaluate(model, stage, data, cfg: TrainConfig, device, autocast, d: Dist) -> float:
-    """Mean loss per token over the first eval_batches x batch_size rows (the same rows every time).
+def evaluate(model, stage, data, batches: int, subset: int, cfg: TrainConfig, device, autocast,
+             d: Dist) -> tuple[float, float]:
+    """Mean loss per token over the first `batches` x batch_size rows (the same rows every time), and over the
+    first `subset` batches of those (the same pass: they come first).
 
     `model` is the unwrapped model, not DDP: DDP broadcasts buffers on each forward, and a process with no
     validation batch would leave the others waiting in that broadcast."""
     model.eval()
-    n = min(len(data), cfg.eval_batches * cfg.batch_size)
-    total, count = 0.0, 0
-    for lo in range(d.rank * cfg.batch_size, n, cfg.batch_size * d.world):
+    n = min(len(data), batches * cfg.batch_size)
+    total, count, sub_total, sub_count = 0.0, 0, 0.0, 0
+    for b in range(d.rank, math.ceil(n / cfg.batch_size), d.world):
+        lo = b * cfg.batch_size
         batch = stage.collate([data[i] for i in range(lo, min(lo + cfg.batch_size, n))])
         with autocast:
             loss, tokens, _ = stage.loss(model, {k: v.to(device) for k, v in batch.items()})
         total += float(loss)
         count += tokens
-    return d.sum(total) / max(d.sum(count), 1)
+        if b < subset:
+            sub_total += float(loss)
+            sub_count += tokens
+    return d.sum(total) / max(d.sum(count), 1), d.sum(sub_total) / max(d.sum(sub_count), 1)
+
+
+def validate(model, stage, data, cfg: TrainConfig, device, autocast, d: Dist, step: int, total: int,
+             bar: progress_bar, loggers: Loggers | None) -> None:
+    """With eval_every, a full evaluation (eval_batches) every eval_every steps. Otherwise `evals` points of a
+    validation curve, each on the first fifth of those batches only (the demo's 2 cores cannot afford more),
+    logged as val_loss_subset; the full evaluation runs once, at the end, and logs its subset figure too, so the
+    curve reaches the end on the same rows."""
+    subset = 0 if cfg.eval_every else max(1, cfg.eval_batches // 5)
+    full = bool(cfg.eval_every) or step == total
+    loss, part = evaluate(model, stage, data, cfg.eval_batches if full else subset, subset, cfg, device, autocast, d)
+    record: dict[str, Any] = {"step": step}
+    if full:
+        record["val_loss"] = round(loss, 6)
+        bar.write(f"step {step}/{total} | validation loss {loss:.4f}")
+    if subset:
+        record["val_loss_subset"] = round(part, 6)
+        bar.write(f"step {step}/{total} | validation loss {part:.4f} on the first {subset} batch(es)")
+    if loggers:
+        loggers.log(record)
+    model.train()
 
 
 # ---- output ------------------------------------------------------------------------------------------
@@ -684,7 +709,8 @@ def smooth(values: list[float], half: int) -> list[float]:
 
 def plot_losses(metrics: Path, out: Path) -> None:
     """loss.png: the logged training losses (light), their centred moving average over about a twentieth of
-    the run (length-grouped SFT steps mix task families, so the raw curve is a saw-tooth), and validation."""
+    the run (length-grouped SFT steps mix task families, so the raw curve is a saw-tooth), the validation curve
+    and the full validation figures."""
     if not metrics.is_file():
         return
     import matplotlib
@@ -695,6 +721,7 @@ def plot_losses(metrics: Path, out: Path) -> None:
     rows = metric_records(metrics)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    curve = [(r["step"], r["val_loss_subset"]) for r in rows if "val_loss_subset" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         steps, losses = zip(*train)
@@ -702,8 +729,10 @@ def plot_losses(metrics: Path, out: Path) -> None:
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
         ax.plot(steps, smooth(list(losses), half), color="tab:blue",
                 label=f"train, mean of {2 * half + 1} logged steps")
+    if curve:
+        ax.plot(*zip(*curve), "o-", color="tab:orange", markersize=4, label="validation, first fifth of the rows")
     if val:
-        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
+        ax.plot(*zip(*val), "D" if curve else "o-", color="tab:red", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

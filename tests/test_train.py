@@ -40,7 +40,7 @@ from minimind.train.loop import (
     validate,
 )
 from minimind.train.pretrain import PretrainStage
-from minimind.train.stage import Dist
+from minimind.train.stage import Dist, Stage
 
 
 @pytest.fixture(scope="module")
@@ -495,6 +495,15 @@ def test_batch_flops_count_real_tokens_causal_pairs_and_the_head_at_targets_only
     per_token = 2 * 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)
     pairs = 15 + 45 + 6
     assert batch_flops(cfg, lengths, head) == 3 * (17 * per_token + pairs * 2 * 2 * 2 * 4 * 16 + 9 * 2 * 64 * 320)
+    # LoRA's frozen base: forward and input gradients, no weight gradients
+    from minimind.train.lora import LoRAStage
+
+    assert batch_flops(cfg, lengths, head, LoRAStage.passes) == 2 / 3 * batch_flops(cfg, lengths, head)
+    # Other stages (DPO pairs: right-padded, the head everywhere), with or without an attention_mask.
+    pairs_batch = {"input_ids": torch.tensor([[5, 6, 0, 7, 0, 0], [5, 6, 7, 8, 9, 4]])}
+    assert Stage.flop_shape(None, pairs_batch) == ([4, 6], 10)
+    assert Stage.flop_shape(None, {**pairs_batch, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1]] * 2)}) == (
+        [5, 5], 10)
     # Packed pretraining rows: full length, the head at every position but the last.
     assert PretrainStage.flop_shape(None, {"input_ids": torch.ones(2, 8, dtype=torch.long),
                                            "labels": torch.ones(2, 8, dtype=torch.long)}) == ([8, 8], 14)

@@ -60,8 +60,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def batch_flops(cfg: ModelConfig, lengths: list[int], head_positions: int) -> float:
-    """Training FLOPs (forward + backward = 3 x forward) the model does usefully on a batch: rows of `lengths`
+def batch_flops(cfg: ModelConfig, lengths: list[int], head_positions: int, passes: int = 3) -> float:
+    """Training FLOPs (`passes` x forward: 3 when the backward computes input and weight gradients, 2 for a
+    frozen base under LoRA) the model does usefully on a batch: rows of `lengths`
     real tokens (padding is not counted: it is waste, and MFU should show it) and the output head run at
     `head_positions` positions (training runs it only where there is a target). Per real token, 2 FLOPs per
     multiply of each matmul weight of the blocks (attention and MLP projections, the active experts and the
@@ -77,7 +78,7 @@ def batch_flops(cfg: ModelConfig, lengths: list[int], head_positions: int) -> fl
     forward = (2 * cfg.num_hidden_layers * (attn + mlp) * tokens
                + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * pairs
                + 2 * d * cfg.vocab_size * head_positions)
-    return 3.0 * forward
+    return float(passes * forward)
 
 
 # ---- schedule and data order -----------------------------------------------------------------------------
@@ -184,13 +185,16 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return optimizers
 
 
+def peak_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> float:
+    return (cfg.muon_lr or cfg.lr) if isinstance(optimizer, torch.optim.Muon) else cfg.lr
+
+
 def set_lr(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, scale: float) -> None:
     """The schedule's factor on each optimizer's own peak rate (set every step, so a resumed run takes the
     rates of its config, not those saved in the checkpoint)."""
     for optimizer in optimizers:
-        peak = (cfg.muon_lr or cfg.lr) if isinstance(optimizer, torch.optim.Muon) else cfg.lr
         for group in optimizer.param_groups:
-            group["lr"] = peak * scale
+            group["lr"] = peak_lr(optimizer, cfg) * scale
 
 
 def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro: list[Batch],
@@ -291,7 +295,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
     loggers = start_run_dir(cfg, d, at.step)
     say(f"model: {model.config.name} {model.num_parameters():,} parameters | {device} "
         f"{str(plan.dtype).removeprefix('torch.')} | {d.world} process(es) x {cfg.batch_size} rows x {plan.accum} "
-        f"accumulation = {plan.rows_per_step} rows/step | {plan.total} steps | {describe(optimizers)}")
+        f"accumulation = {plan.rows_per_step} rows/step | {plan.total} steps | {describe(optimizers, cfg)}")
     peak = peak_flops(device, plan.dtype, (probe_shape(model.config, cfg),)) * d.world if d.main else 0.0
 
     model.train()
@@ -308,7 +312,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
         at.samples += plan.rows_per_step
         clock.step_ends.append(time.perf_counter())
         clock.tokens_since += sum(b["input_ids"].numel() for b in micro) * d.world  # SFT rows are padded per batch
-        clock.flops_since += sum(batch_flops(model.config, *stage.flop_shape(b)) for b in micro)
+        clock.flops_since += sum(batch_flops(model.config, *stage.flop_shape(b), stage.passes) for b in micro)
         bar.update(1)
 
         last = at.step == plan.total
@@ -510,13 +514,13 @@ def eval_due(cfg: TrainConfig, step: int, total: int) -> bool:
     return step % every == 0 or step == total
 
 
-def describe(optimizers: list[torch.optim.Optimizer]) -> str:
-    """Which optimizer holds how many trainable parameters at what peak rate, e.g. "adamw 1,639,424 (lr
-    2.00e-03) + muon 2,621,440 (lr 2.00e-03)"."""
+def describe(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> str:
+    """Which optimizer holds how many trainable parameters at what peak rate, e.g. "adamw 207,616 (lr
+    2.00e-03) + muon 2,949,120 (lr 2.00e-03)"."""
     parts = []
     for o in optimizers:
         n = sum(p.numel() for g in o.param_groups for p in g["params"])
-        parts.append(f"{type(o).__name__.lower()} {n:,} (lr {o.param_groups[0]['lr']:.2e})")
+        parts.append(f"{type(o).__name__.lower()} {n:,} (lr {peak_lr(o, cfg):.2e})")
     return " + ".join(parts)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN
 from minimind.train.pretrain import PretrainStage, token_loss
-from minimind.train.stage import target_tokens
+from minimind.train.stage import real_lengths, target_tokens
 
 
 class RowsWithLoss:
@@ -57,11 +57,8 @@ class SFTStage(PretrainStage):
                 "keep_empty_think_prob": self.cfg.keep_empty_think_prob}
 
     def flop_shape(self, batch: dict[str, torch.Tensor]) -> tuple[list[int], int]:
-        """Rows are right-padded with id 0 (<|endoftext|>, which no rendered chat ends with), so a row's real
-        tokens end at its last non-zero id; the head runs at target positions only (token_loss)."""
-        ids = batch["input_ids"]
-        ends = ((ids != 0) * torch.arange(1, ids.shape[1] + 1)).amax(1)
-        return ends.tolist(), target_tokens(batch)
+        """Padded rows (see real_lengths); the head runs at target positions only (token_loss)."""
+        return real_lengths(batch), target_tokens(batch)
 
     def collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest row: padding sits after the text, so the causal mask alone hides it."""

@@ -13,7 +13,7 @@ from minimind.config import ModelConfig
 from minimind.generation import SamplingParams, generate
 from minimind.model import MiniMindForCausalLM
 from minimind.train.config import TrainConfig
-from minimind.train.loop import Dist, flops_per_token, make_optimizer, peak_flops, sync, train_step
+from minimind.train.loop import Dist, batch_flops, make_optimizers, peak_flops, sync, train_step
 from minimind.train.pretrain import token_loss
 
 
@@ -23,7 +23,7 @@ class RawStage:
 
 def train_speed(model, device, dtype, batch: int, seq: int, steps: int, compile_: bool) -> tuple[float, float]:
     net = torch.compile(model) if compile_ else model
-    opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
+    opt = make_optimizers(model, TrainConfig(lr=1e-4), device)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
     step = lambda: train_step(net, model, RawStage, [{"input_ids": ids, "labels": ids}], opt, 1.0, device,  # noqa: E731
                               torch.autocast(device.type, dtype=dtype), None, Dist())[0]
@@ -58,7 +58,7 @@ def main() -> None:
         print("flash attention: ok")
 
     peak = peak_flops(device, dtype)
-    fpt = flops_per_token(model.config, seq)
+    fpt = batch_flops(model.config, [seq], seq) / seq  # per token of a full row, head everywhere
     for compile_ in (False, True):
         tps, loss = train_speed(model, device, dtype, batch, seq, steps, compile_)
         print(f"train {preset} bf16{' + compile' if compile_ else ''}: {tps:,.0f} tokens/s, MFU {tps * fpt / peak:.2f} "

@@ -21,7 +21,7 @@ from minimind.checkpoint import load_model, save_model
 from minimind.config import ModelConfig
 from minimind.model import MiniMindForCausalLM
 from minimind.train.config import TrainConfig
-from minimind.train.loop import Dist, flops_per_token, make_optimizer, peak_flops, train_step
+from minimind.train.loop import Dist, batch_flops, make_optimizers, peak_flops, train_step
 from minimind.train.pretrain import token_loss
 
 
@@ -38,7 +38,7 @@ def contenders(directory: str, dtype: torch.dtype, compile_ours: bool, only: str
     if only != "transformers":
         ours = load_model(directory).train()
         net = torch.compile(ours) if compile_ours else ours
-        opt = make_optimizer(ours, TrainConfig(lr=1e-4, weight_decay=0.1), torch.device("cpu"))
+        opt = make_optimizers(ours, TrainConfig(lr=1e-4, weight_decay=0.1), torch.device("cpu"))
 
         def ours_step(batch):
             return train_step(net, ours, RawStage, [batch], opt, 1.0, torch.device("cpu"), autocast(), None,
@@ -86,7 +86,7 @@ def bench(preset: str, batch: int, seq: int, steps: int, dtype: torch.dtype, com
             losses[name].append(loss)
     tokens = batch * seq
     peak = peak_flops(torch.device("cpu"), dtype)
-    fpt = flops_per_token(cfg, seq)
+    fpt = batch_flops(cfg, [seq], seq) / seq  # per token of a full row, head everywhere (both sides alike)
     tps = {k: tokens / statistics.median(v) for k, v in times.items()}
     label = str(dtype).removeprefix("torch.") + (" + compile" if compile_ours else "") + \
         (f" SFT {prompt_share:.0%} prompt" if prompt_share else "")

@@ -4,6 +4,7 @@ ten minutes: data -> tokenizer -> pretraining -> SFT -> evaluation -> sample cha
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
                                 val_data=str(files["pretrain_val"]), preset="tiny", tokenizer=str(tok_dir),
                                 steps=size["pretrain_steps"], time_budget=size["pretrain_budget"], lr=2e-3,
                                 warmup_steps=20, seq_len=size["seq_len"], **common), PretrainStage)
-    say(f"- model -> `{pre_dir}`\n\n![pretraining loss](pretrain/loss.png)")
+    say(f"- model -> `{pre_dir}` ({speed(out / 'pretrain')})\n\n![pretraining loss](pretrain/loss.png)")
     stage_time("pretraining", t0)
 
     say("\n## 4. Supervised fine-tuning")
@@ -117,7 +118,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
                                 val_data=str(files["sft_val"]), init_from=str(pre_dir), steps=size["sft_steps"],
                                 time_budget=size["sft_budget"], lr=2e-3, warmup_steps=10,
                                 seq_len=size["sft_seq_len"], **common), SFTStage)
-    say(f"- model -> `{sft_dir}`\n\n![SFT loss](sft/loss.png)")
+    say(f"- model -> `{sft_dir}` ({speed(out / 'sft')})\n\n![SFT loss](sft/loss.png)")
     stage_time("SFT", t0)
 
     say("\n## 5. Evaluation")
@@ -213,6 +214,7 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     dpo_accuracy = probe_accuracy(load_model(dpo_dir), tokenizer, text_tasks).accuracy
     say(f"\nHeld-out task accuracy (greedy): SFT {sft_accuracy:.1%}, SFT + DPO {dpo_accuracy:.1%} "
         f"({len(text_tasks)} tasks).")
+    say(f"\nDPO training: {speed(out / 'dpo')}.")
     stage_time("DPO")
 
     say("\n## 9. Distillation: the SFT model teaches the pretrained one")
@@ -225,7 +227,8 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
                                     seq_len=size["sft_seq_len"], warmup_steps=5, **common), DistillStage)
     kl_after = heldout_kl(load_model(student_dir), teacher, tokenizer, files["sft_val"])
     say(f"Held-out KL(teacher || student) per assistant token: {kl_before:.3f} before, {kl_after:.3f} after "
-        "white-box distillation (cross-entropy plus temperature-scaled KL on the assistant tokens).")
+        f"white-box distillation (cross-entropy plus temperature-scaled KL on the assistant tokens); "
+        f"{speed(out / 'distill')}.")
     stage_time("distillation")
 
     say("\n## 10. Reinforcement learning: GRPO on tasks, agentic RL on tool use")
@@ -251,6 +254,16 @@ def right_by_kind(pairs: list[dict], before: list[float], after: list[float]) ->
         c[1] += a > 0
         c[2] += 1
     return {k: tuple(v) for k, v in sorted(counts.items())}
+
+
+def speed(run: Path) -> str:
+    """A training stage's median tokens/s and MFU over its logged steps (the first, with its warm-up, left out)."""
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "tokens_per_s" in r][1:]
+    if not rows:
+        return "speed not logged"
+    mfu = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    return (f"{statistics.median(r['tokens_per_s'] for r in rows):,.0f} tokens/s, MFU "
+            + (f"{100 * statistics.median(mfu):.1f}%" if mfu else "peak unknown"))
 
 
 def last_val_loss(run: Path) -> float:

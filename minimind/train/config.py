@@ -47,6 +47,10 @@ class TrainConfig:
     epochs: float = 1.0
     time_budget: float = 0.0  # seconds: if set, the run shortens itself to fit (measured after 4 steps)
     lr: float = 5e-4
+    # adamw, or muon: Muon on the hidden 2-D matrices (attention, MLP, MoE experts, LoRA adapters), AdamW on the
+    # rest (embeddings, tied head, norms, MoE routers)
+    optimizer: str = "adamw"
+    muon_lr: float = 0.0  # Muon's peak rate (0: lr; Muon's update is scaled to AdamW's RMS, so lr carries over)
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 0  # 0: 2% of the steps
     weight_decay: float = 0.1  # matrices only; norms and embeddings are not decayed
@@ -61,8 +65,9 @@ class TrainConfig:
     threads: int = 0  # CPU threads per process (0: torch's default)
     # bookkeeping
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 20
+    eval_every: int = 0  # full validation every N steps (0: only at the end, plus `evals` cheap curve points)
+    evals: int = 6  # with eval_every = 0: validation-curve points per run, each on the first eval_batches // 5
+    eval_batches: int = 20  # a full validation reads the first eval_batches x batch_size rows
     save_every: int = 0  # checkpoint every N steps (0: only at the end)
     keep_last: int = 2
     resume: bool = False

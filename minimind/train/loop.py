@@ -23,7 +23,7 @@ from minimind.checkpoint import LATEST, clean_debris, load_model, load_newest_re
 from minimind.config import ModelConfig
 from minimind.device import pick_device, pick_dtype
 from minimind.files import atomic_path
-from minimind.model import MiniMindForCausalLM
+from minimind.model import MiniMindForCausalLM, MoE
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig, to_toml
 from minimind.train.stage import Batch, Dist, Stage
@@ -31,23 +31,29 @@ from minimind.train.stage import Batch, Dist, Stage
 # ---- machine ------------------------------------------------------------------------------------------
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The matmul rate MFU is measured against: a short probe of this machine (GPUs included, so the
-    figure is honest for whatever card this is)."""
+def peak_flops(device: torch.device, dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...] = ()) -> float:
+    """The matmul rate MFU is measured against, probed once per run on this machine (GPUs included, so the
+    figure is honest for whatever card this is): the best rate of a square matmul and of each (m, k, n) shape
+    given (the model's own: a small model's head can outrun a square probe), each warmed up first and then
+    timed for half a second at the training dtype. A short probe on a busy host reads low, and MFU then reads
+    over 100%: log_step says "peak unknown" instead."""
     n = 2048 if device.type != "cpu" else 1024
     # Its own generator: the global RNG stream must not move, or a resumed run would drift (dropout).
     g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    for _ in range(2):
-        a @ b
-    sync(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.3:
-        a @ b
-        reps += 1
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    best = 0.0
+    for m, k, n_out in ((n, n, n), *shapes):
+        a = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+        b = torch.randn(k, n_out, device=device, dtype=dtype, generator=g)
+        for seconds in (0.1, 0.5):  # warm-up (caches, clocks, kernel choice), then the timed part
+            sync(device)
+            reps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                a @ b
+                reps += 1
+            sync(device)
+            rate = 2 * m * k * n_out * reps / (time.perf_counter() - start)
+        best = max(best, rate)
+    return best
 
 
 def sync(device: torch.device) -> None:
@@ -55,26 +61,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (active, non-embedding-lookup) parameters + attention scores."""
-    params = cfg.num_parameters(active=True)
-    if not cfg.tie_word_embeddings:
-        params -= cfg.vocab_size * cfg.hidden_size  # the input lookup does no multiply
-    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6 * params + attention
+def batch_flops(cfg: ModelConfig, lengths: list[int], head_positions: int, passes: int = 3) -> float:
+    """Training FLOPs (`passes` x forward: 3 when the backward computes input and weight gradients, 2 for a
+    frozen base under LoRA) the model does usefully on a batch: rows of `lengths`
+    real tokens (padding is not counted: it is waste, and MFU should show it) and the output head run at
+    `head_positions` positions (training runs it only where there is a target). Per real token, 2 FLOPs per
+    multiply of each matmul weight of the blocks (attention and MLP projections, the active experts and the
+    router); per causal (query, key) pair, 2 x 2 x heads x head_dim for the scores and the weighted sum."""
+    d, hd = cfg.hidden_size, cfg.head_dim
+    attn = d * hd * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    if cfg.use_moe:
+        mlp = cfg.num_experts_per_tok * 3 * d * cfg.moe_intermediate_size + d * cfg.num_experts
+    else:
+        mlp = 3 * d * cfg.intermediate_size
+    tokens = sum(lengths)
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    forward = (2 * cfg.num_hidden_layers * (attn + mlp) * tokens
+               + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * pairs
+               + 2 * d * cfg.vocab_size * head_positions)
+    return float(passes * forward)
 
 
 # ---- schedule and data order -----------------------------------------------------------------------------
 
 
-def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+def lr_scale(cfg: TrainConfig, step: int, total: int) -> float:
+    """The schedule, as a factor on each optimizer's peak rate: linear warmup, then cosine decay to
+    min_lr_ratio."""
     warmup = cfg.warmup_steps or max(1, int(0.02 * total))
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 GROUP_WINDOW = 64  # length grouping sorts within windows of this many groups: order stays random across them
@@ -127,17 +145,61 @@ def global_rows(n_rows: int, start: int, count: int, seed: int, lengths: np.ndar
 # ---- one optimizer step ------------------------------------------------------------------------------
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused where torch has the kernel; weight decay on matrices only (not norms)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable weights Muon takes: the matrices of every linear layer inside the decoder blocks
+    (attention and MLP projections, MoE experts, LoRA adapters A and B). Not the embedding or the output head
+    (tied or not): they map tokens in and out rather than hidden states to hidden states, which is what Muon's
+    orthogonalised update is made for. Not the MoE router either: it is a small classifier head (experts x
+    hidden) whose logits' scale sets how sharply tokens are routed, and orthogonalising its update would give
+    every expert's row the same step size."""
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoE)}
+    return [m.weight for m in model.model.layers.modules()
+            if isinstance(m, torch.nn.Linear) and id(m) not in routers and m.weight.requires_grad]
+
+
+def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The optimizers of a run, each owning its own trainable parameters: AdamW (fused where torch has the
+    kernel; weight decay on matrices only, not norms) on everything, or with optimizer = "muon" on everything
+    but muon_matrices(), which go to torch.optim.Muon. Muon runs with adjust_lr_fn="match_rms_adamw": its update
+    is scaled to the RMS of a typical AdamW update (0.2 x sqrt(max side)), so the rate and weight decay tuned for
+    AdamW carry over (Moonshot's "Muon is Scalable for LLM Training"), hence muon_lr defaults to lr."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise MiniMindError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+    muon = muon_matrices(model) if cfg.optimizer == "muon" else []
+    if cfg.optimizer == "muon" and not muon:
+        raise MiniMindError("optimizer = \"muon\": this model has no trainable hidden matrices for Muon")
+    taken = {id(p) for p in muon}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA under Muon leaves AdamW nothing
+    optimizers: list[torch.optim.Optimizer] = []
+    if groups:
+        optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                            fused=device.type in ("cuda", "cpu")))
+    if muon:
+        optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay,
+                                           adjust_lr_fn="match_rms_adamw"))
+    return optimizers
+
+
+def peak_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> float:
+    return (cfg.muon_lr or cfg.lr) if isinstance(optimizer, torch.optim.Muon) else cfg.lr
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, scale: float) -> None:
+    """The schedule's factor on each optimizer's own peak rate (set every step, so a resumed run takes the
+    rates of its config, not those saved in the checkpoint)."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = peak_lr(optimizer, cfg) * scale
 
 
 def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro: list[Batch],
-               optimizer: torch.optim.Optimizer, grad_clip: float, device: torch.device, autocast,
+               optimizers: list[torch.optim.Optimizer], grad_clip: float, device: torch.device, autocast,
                scaler: torch.amp.GradScaler | None, d: Dist) -> tuple[float, float, dict[str, float]]:
     """Forward and backward over the micro-batches, clip, step. Returns (mean loss per target token over
     the global batch, gradient norm before clipping, stage extras averaged over micro-batches)."""
@@ -161,14 +223,17 @@ def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += float(total_loss.detach())
     if scaler:
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf")))
+    for optimizer in optimizers:
+        if scaler:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     if scaler:
-        scaler.step(optimizer)
         scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return d.sum(loss_sum) / max(n_tokens, 1), grad_norm, extras
 
 
@@ -203,6 +268,7 @@ class Clock:
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = field(default_factory=time.perf_counter)
     tokens_since: int = 0
+    flops_since: float = 0.0  # this process's share: log_step sums it over processes
     step_ends: list[float] = field(default_factory=list)
 
 
@@ -224,44 +290,42 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
     plan = make_plan(cfg, data, d, device)
     autocast = torch.autocast(device.type, dtype=plan.dtype) if plan.dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(device.type) if plan.dtype == torch.float16 else None
-    optimizer = make_optimizer(model, cfg, device)
-    at = resume(cfg, model, stage, optimizer, scaler, plan, d, device, say)
+    optimizers = make_optimizers(model, cfg, device)
+    at = resume(cfg, model, stage, optimizers, scaler, plan, d, device, say)
     net = wrap(model, cfg, d, device)
     loggers = start_run_dir(cfg, d, at.step)
     say(f"model: {model.config.name} {model.num_parameters():,} parameters | {device} "
         f"{str(plan.dtype).removeprefix('torch.')} | {d.world} process(es) x {cfg.batch_size} rows x {plan.accum} "
-        f"accumulation = {plan.rows_per_step} rows/step | {plan.total} steps")
-    fpt = flops_per_token(model.config, cfg.seq_len)
-    peak = peak_flops(device, plan.dtype) * d.world if d.main else 1.0
+        f"accumulation = {plan.rows_per_step} rows/step | {plan.total} steps | {describe(optimizers, cfg)}")
+    peak = peak_flops(device, plan.dtype, (probe_shape(model.config, cfg),)) * d.world if d.main else 0.0
 
     model.train()
     bar = progress_bar(plan.total, at.step, d.main, cfg.progress)
     clock = Clock(start_step=at.step, planned=plan.total)
     while at.step < plan.total:
         fit_to_budget(cfg, plan, at, clock, d, bar)
-        lr = learning_rate(cfg, at.step, plan.total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        scale = lr_scale(cfg, at.step, plan.total)
+        set_lr(optimizers, cfg, scale)
         micro = stage.prepare(model, next_batches(cfg, stage, data, plan, at, d))
-        train_loss, grad_norm, extras = train_step(net, model, stage, micro, optimizer, cfg.grad_clip, device,
+        train_loss, grad_norm, extras = train_step(net, model, stage, micro, optimizers, cfg.grad_clip, device,
                                                    autocast, scaler, d)
         at.step += 1
         at.samples += plan.rows_per_step
         clock.step_ends.append(time.perf_counter())
         clock.tokens_since += sum(b["input_ids"].numel() for b in micro) * d.world  # SFT rows are padded per batch
+        clock.flops_since += sum(batch_flops(model.config, *stage.flop_shape(b), stage.passes) for b in micro)
         bar.update(1)
 
         last = at.step == plan.total
         if at.step % cfg.log_every == 0 or last or at.step == clock.start_step + 1:
-            log_step(at.step, plan.total, train_loss, lr, grad_norm, extras, fpt / peak, clock, device, bar, loggers)
-        if val is not None and ((cfg.eval_every and at.step % cfg.eval_every == 0) or last):
-            val_loss = evaluate(model, stage, val, cfg, device, autocast, d)
-            bar.write(f"step {at.step}/{plan.total} | validation loss {val_loss:.4f}")
-            if loggers:
-                loggers.log({"step": at.step, "val_loss": round(val_loss, 6)})
-            model.train()
+            log_step(at.step, plan.total, train_loss, cfg.lr * scale, grad_norm, extras, peak, clock, device, d, bar,
+                     loggers)
+        paused = time.perf_counter()
+        if val is not None and eval_due(cfg, at.step, plan.total):
+            validate(model, stage, val, cfg, device, autocast, d, at.step, plan.total, bar, loggers)
         if (cfg.save_every and at.step % cfg.save_every == 0) or last:
-            checkpoint(cfg, model, stage, optimizer, scaler, plan, at, d, device)
+            checkpoint(cfg, model, stage, optimizers, scaler, plan, at, d, device)
+        clock.t_last += time.perf_counter() - paused  # tokens/s and MFU measure training, not evaluating or saving
     bar.close()
     return finish(cfg, model, tokenizer, stage, loggers, d, say)
 
@@ -326,7 +390,7 @@ def make_plan(cfg: TrainConfig, data: Any, d: Dist, device: torch.device) -> Pla
     return Plan(accum, rows_per_step, total, pick_dtype(cfg.dtype, device), lengths)
 
 
-def resume(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizer: torch.optim.Optimizer,
+def resume(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizers: list[torch.optim.Optimizer],
            scaler: torch.amp.GradScaler | None, plan: Plan, d: Dist, device: torch.device,
            say: Printer) -> Position:
     """On --resume, everything the latest checkpoint holds (weights, optimizer, scaler, RNG, data position,
@@ -342,7 +406,13 @@ def resume(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizer: to
     if found is None:
         raise MiniMindError(f"{checkpoints}: no checkpoint to resume from")
     target, trainer, state = found
-    optimizer.load_state_dict(trainer["optimizer"])
+    saved = state.get("optimizer", "adamw")
+    if saved != cfg.optimizer:
+        raise MiniMindError(f"{target}: this run was trained with optimizer = \"{saved}\", not \"{cfg.optimizer}\"; "
+                            f"resume it with --optimizer {saved} (an exact resume needs the same optimizer)")
+    states = trainer["optimizer"]
+    for optimizer, optimizer_state in zip(optimizers, [states] if isinstance(states, dict) else states, strict=True):
+        optimizer.load_state_dict(optimizer_state)
     if scaler is not None and "scaler" in trainer:
         scaler.load_state_dict(trainer["scaler"])
     same_layout = state["world_size"] == d.world
@@ -414,37 +484,68 @@ def next_batches(cfg: TrainConfig, stage: Stage, data: Any, plan: Plan, at: Posi
 
 
 def log_step(step: int, total: int, train_loss: float, lr: float, grad_norm: float, extras: dict[str, float],
-             mfu_per_token: float, clock: Clock, device: torch.device, bar: progress_bar,
+             peak: float, clock: Clock, device: torch.device, d: Dist, bar: progress_bar,
              loggers: Loggers | None) -> None:
-    """One line per logged step (step, loss, lr, gradient norm, tokens/s, MFU, ETA) and a metrics record."""
+    """One line per logged step (step, loss, lr, gradient norm, tokens/s, MFU, ETA) and a metrics record. MFU is
+    the batches' FLOPs (batch_flops, summed over processes) per second over the probed peak; a figure over 100%
+    means the probe read low, and is shown as "peak unknown" (null in metrics.jsonl), never as a number."""
     sync(device)
+    flops = d.sum(clock.flops_since)
     now = time.perf_counter()
-    tps = clock.tokens_since / max(now - clock.t_last, 1e-9)
-    clock.t_last, clock.tokens_since = now, 0
+    elapsed = max(now - clock.t_last, 1e-9)
+    tps = clock.tokens_since / elapsed
+    clock.t_last, clock.tokens_since, clock.flops_since = now, 0, 0.0
+    mfu = flops / elapsed / peak if peak else None
+    mfu = round(mfu, 4) if mfu is not None and mfu <= 1 else None
     record = {"step": step, "loss": round(train_loss, 6), "lr": lr, "grad_norm": round(grad_norm, 4),
-              "tokens_per_s": round(tps, 1), "mfu": round(tps * mfu_per_token, 4),
-              **{k: round(v, 6) for k, v in extras.items()}}
+              "tokens_per_s": round(tps, 1), "mfu": mfu, **{k: round(v, 6) for k, v in extras.items()}}
     eta = (total - step) * (now - clock.t_start) / max(step - clock.start_step, 1)
     bar.write(f"step {step}/{total} | loss {train_loss:.4f} | lr {lr:.2e} | grad {grad_norm:.2f} | "
-              f"{tps:,.0f} tok/s | MFU {100 * record['mfu']:.1f}% | ETA {format_seconds(eta)}")
+              f"{tps:,.0f} tok/s | MFU {'peak unknown' if mfu is None else f'{100 * mfu:.1f}%'} | "
+              f"ETA {format_seconds(eta)}")
     if loggers:
         loggers.log(record)
 
 
-def checkpoint(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizer: torch.optim.Optimizer,
+def eval_due(cfg: TrainConfig, step: int, total: int) -> bool:
+    """Validation (see validate) every eval_every steps or, by default, `evals` times spread over the run, and at
+    the end. A time-budgeted run settles its length from its 5th step on (fit_to_budget), so its points spread
+    over the steps it will take."""
+    every = cfg.eval_every or math.ceil(total / max(cfg.evals, 1))
+    return step % every == 0 or step == total
+
+
+def describe(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> str:
+    """Which optimizer holds how many trainable parameters at what peak rate, e.g. "adamw 207,616 (lr
+    2.00e-03) + muon 2,949,120 (lr 2.00e-03)"."""
+    parts = []
+    for o in optimizers:
+        n = sum(p.numel() for g in o.param_groups for p in g["params"])
+        parts.append(f"{type(o).__name__.lower()} {n:,} (lr {peak_lr(o, cfg):.2e})")
+    return " + ".join(parts)
+
+
+def probe_shape(cfg: ModelConfig, train: TrainConfig) -> tuple[int, int, int]:
+    """The model's widest matmul, for peak_flops: a micro-batch's tokens (capped, so the CPU probe stays short)
+    through the output head."""
+    return min(train.batch_size * train.seq_len, 2048), cfg.hidden_size, cfg.vocab_size
+
+
+def checkpoint(cfg: TrainConfig, model: torch.nn.Module, stage: Stage, optimizers: list[torch.optim.Optimizer],
                scaler: torch.amp.GradScaler | None, plan: Plan, at: Position, d: Dist, device: torch.device) -> None:
-    """Rank 0 writes checkpoints/step_N: weights, optimizer, scaler, RNG, data position and every process's
+    """Rank 0 writes checkpoints/step_N: weights, optimizers, scaler, RNG, data position and every process's
     stage state (gathered here, so all processes take part)."""
     stage_states = d.gather(stage.state())
     if d.main:
-        trainer = {"optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()},
+        trainer = {"optimizer": [o.state_dict() for o in optimizers], "rng": {"torch": torch.get_rng_state()},
                    "stage": stage_states}
         if device.type == "cuda":
             trainer["rng"]["cuda"] = torch.cuda.get_rng_state(device)
         if scaler:
             trainer["scaler"] = scaler.state_dict()
         save_resume(cfg.run_dir / "checkpoints", at.step, model, trainer,
-                    {"samples": at.samples, "total": plan.total, "world_size": d.world, "stage": cfg.stage},
+                    {"samples": at.samples, "total": plan.total, "world_size": d.world, "stage": cfg.stage,
+                     "optimizer": cfg.optimizer},
                     cfg.keep_last)
     d.barrier()
 
@@ -464,21 +565,48 @@ def finish(cfg: TrainConfig, model: torch.nn.Module, tokenizer, stage: Stage, lo
 
 
 @torch.no_grad()
-def evaluate(model, stage, data, cfg: TrainConfig, device, autocast, d: Dist) -> float:
-    """Mean loss per token over the first eval_batches x batch_size rows (the same rows every time).
+def evaluate(model, stage, data, batches: int, subset: int, cfg: TrainConfig, device, autocast,
+             d: Dist) -> tuple[float, float]:
+    """Mean loss per token over the first `batches` x batch_size rows (the same rows every time), and over the
+    first `subset` batches of those (the same pass: they come first).
 
     `model` is the unwrapped model, not DDP: DDP broadcasts buffers on each forward, and a process with no
     validation batch would leave the others waiting in that broadcast."""
     model.eval()
-    n = min(len(data), cfg.eval_batches * cfg.batch_size)
-    total, count = 0.0, 0
-    for lo in range(d.rank * cfg.batch_size, n, cfg.batch_size * d.world):
+    n = min(len(data), batches * cfg.batch_size)
+    total, count, sub_total, sub_count = 0.0, 0, 0.0, 0
+    for b in range(d.rank, math.ceil(n / cfg.batch_size), d.world):
+        lo = b * cfg.batch_size
         batch = stage.collate([data[i] for i in range(lo, min(lo + cfg.batch_size, n))])
         with autocast:
             loss, tokens, _ = stage.loss(model, {k: v.to(device) for k, v in batch.items()})
         total += float(loss)
         count += tokens
-    return d.sum(total) / max(d.sum(count), 1)
+        if b < subset:
+            sub_total += float(loss)
+            sub_count += tokens
+    return d.sum(total) / max(d.sum(count), 1), d.sum(sub_total) / max(d.sum(sub_count), 1)
+
+
+def validate(model, stage, data, cfg: TrainConfig, device, autocast, d: Dist, step: int, total: int,
+             bar: progress_bar, loggers: Loggers | None) -> None:
+    """With eval_every, a full evaluation (eval_batches) every eval_every steps. Otherwise `evals` points of a
+    validation curve, each on the first fifth of those batches only (the demo's 2 cores cannot afford more),
+    logged as val_loss_subset; the full evaluation runs once, at the end, and logs its subset figure too, so the
+    curve reaches the end on the same rows."""
+    subset = 0 if cfg.eval_every else max(1, cfg.eval_batches // 5)
+    full = bool(cfg.eval_every) or step == total
+    loss, part = evaluate(model, stage, data, cfg.eval_batches if full else subset, subset, cfg, device, autocast, d)
+    record: dict[str, Any] = {"step": step}
+    if full:
+        record["val_loss"] = round(loss, 6)
+        bar.write(f"step {step}/{total} | validation loss {loss:.4f}")
+    if subset:
+        record["val_loss_subset"] = round(part, 6)
+        bar.write(f"step {step}/{total} | validation loss {part:.4f} on the first {subset} batch(es)")
+    if loggers:
+        loggers.log(record)
+    model.train()
 
 
 # ---- output ------------------------------------------------------------------------------------------
@@ -575,7 +703,19 @@ def metric_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def smooth(values: list[float], half: int) -> list[float]:
+    """Centred moving average: each point the mean of those within `half` places of it (fewer at the ends). An
+    EMA would lag the curve and draw it above the raw losses while they fall; a centred mean does not."""
+    sums = np.cumsum([0.0, *values])
+    n = len(values)
+    return [float(sums[min(n, i + half + 1)] - sums[max(0, i - half)]) / (min(n, i + half + 1) - max(0, i - half))
+            for i in range(n)]
+
+
 def plot_losses(metrics: Path, out: Path) -> None:
+    """loss.png: the logged training losses (light), their centred moving average over about a twentieth of
+    the run (length-grouped SFT steps mix task families, so the raw curve is a saw-tooth), the validation curve
+    and the full validation figures."""
     if not metrics.is_file():
         return
     import matplotlib
@@ -586,11 +726,18 @@ def plot_losses(metrics: Path, out: Path) -> None:
     rows = metric_records(metrics)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    curve = [(r["step"], r["val_loss_subset"]) for r in rows if "val_loss_subset" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train")
+        steps, losses = zip(*train)
+        half = max(1, len(train) // 40)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
+        ax.plot(steps, smooth(list(losses), half), color="tab:blue",
+                label=f"train, mean of {2 * half + 1} logged steps")
+    if curve:
+        ax.plot(*zip(*curve), "o-", color="tab:orange", markersize=4, label="validation, first fifth of the rows")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+        ax.plot(*zip(*val), "D" if curve else "o-", color="tab:red", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

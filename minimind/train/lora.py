@@ -23,6 +23,7 @@ class LoRAStage(SFTStage):
     loaded, so the optimizer sees only the adapters and the checkpoint (base + adapters) loads by name."""
 
     output = "adapter"  # the run's product is runs/<name>/adapter, not a model directory
+    passes = 2  # for MFU: the frozen base needs no weight gradients (the adapters' FLOPs are left out: rank << width)
 
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
         cfg = self.cfg

@@ -11,7 +11,7 @@ from minimind.data.pack import pack
 from minimind.data.pack_workers import BOS
 from minimind.logprobs import cross_entropy_sum
 from minimind.train.config import TrainConfig
-from minimind.train.stage import Dist, Stage
+from minimind.train.stage import Dist, Stage, target_tokens
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
@@ -60,3 +60,8 @@ class PretrainStage(Stage):
         return batch
 
     loss = staticmethod(token_loss)
+
+    def flop_shape(self, batch: dict[str, torch.Tensor]) -> tuple[list[int], int]:
+        """Packed rows are full; token_loss runs the output head at target positions only."""
+        ids = batch["input_ids"]
+        return [ids.shape[1]] * ids.shape[0], target_tokens(batch)

@@ -8,6 +8,7 @@ import torch
 
 from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN
 from minimind.train.pretrain import PretrainStage, token_loss
+from minimind.train.stage import real_lengths, target_tokens
 
 
 class RowsWithLoss:
@@ -55,6 +56,10 @@ class SFTStage(PretrainStage):
         return {"system_prompt_prob": self.cfg.system_prompt_prob,
                 "keep_empty_think_prob": self.cfg.keep_empty_think_prob,
                 "newline_loss": self.cfg.train_newline_after_eos}
+
+    def flop_shape(self, batch: dict[str, torch.Tensor]) -> tuple[list[int], int]:
+        """Padded rows (see real_lengths); the head runs at target positions only (token_loss)."""
+        return real_lengths(batch), target_tokens(batch)
 
     def collate(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest row: padding sits after the text, so the causal mask alone hides it."""

@@ -70,6 +70,16 @@ def target_tokens(batch: Batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def real_lengths(batch: Batch) -> list[int]:
+    """Each row's tokens less its padding: as the attention_mask says, or else up to the last non-zero id (rows
+    are right-padded with id 0, <|endoftext|>, which no rendered chat or pair ends with)."""
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return mask.sum(1).tolist()
+    ids = batch["input_ids"]
+    return ((ids != 0) * torch.arange(1, ids.shape[1] + 1, device=ids.device)).amax(1).tolist()
+
+
 class Stage(ABC):
     """What a stage supplies to the loop, with the defaults spelled out. The loop calls, in this order:
 
@@ -82,6 +92,7 @@ class Stage(ABC):
       collate(rows) -> batch        per micro-batch of rows
       prepare(model, micro)         turn each step's micro-batches into training batches (RL rollouts)
       count(batch), loss(model, batch)   per micro-batch, for the gradient
+      flop_shape(batch)             per micro-batch, for MFU: real tokens per row, output-head positions
       state() -> dict               with every checkpoint: whatever else decides the next steps (tensors,
                                     numbers, strings, lists and dicts only: it is read with weights_only)
       save(model, out, tokenizer)   once at the end, into run_dir / output
@@ -91,6 +102,7 @@ class Stage(ABC):
     processes. An extra named `aux_loss` (MoE load balancing) is added to the loss."""
 
     output = "model"  # the product's directory under the run directory
+    passes = 3  # for MFU: a training step costs 3 forwards (forward, input gradients, weight gradients)
 
     def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -118,6 +130,12 @@ class Stage(ABC):
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
         """(sum of per-unit losses, number of units, extra metrics) of one batch."""
+
+    def flop_shape(self, batch: Batch) -> tuple[list[int], int]:
+        """(real tokens of each row, positions the output head runs at) of a training batch, for MFU
+        (loop.batch_flops): by default the head runs at every real token."""
+        lengths = real_lengths(batch)
+        return lengths, sum(lengths)
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from minimind.data.pack import pack
-from minimind.data.pack_workers import BOS
 from minimind.logprobs import cross_entropy_sum
-from minimind.train.config import TrainConfig
-from minimind.train.stage import Dist, Stage, target_tokens
+from minimind.train.stage import Stage, target_tokens
 
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: torch.Tensor | None = None):
@@ -28,6 +26,10 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
     return loss, int(target.sum()), extra
 
 
+# load_tokenizer holds every tokenizer to <|im_start|> = 1 (MiniMind's bos), so the id needs no tokenizer.
+BOS_ID = 1
+
+
 def document_ids(ids: torch.Tensor, bos: int) -> torch.Tensor:
     """Which document each token of packed rows [B, T] belongs to: the packer starts every document with
     `bos`, so a new one begins at each (a literal <|im_start|> inside a text, which the tokenizer reads as
@@ -38,9 +40,6 @@ def document_ids(ids: torch.Tensor, bos: int) -> torch.Tensor:
 class PretrainStage(Stage):
     kind = "pretrain"
 
-    def __init__(self, cfg: TrainConfig, tokenizer, dist: Dist | None = None) -> None:
-        super().__init__(cfg, tokenizer, dist)
-        self.bos = tokenizer.convert_tokens_to_ids(BOS)
 
     def dataset(self, path: str):
         return pack(path, self.tokenizer, self.kind, self.cfg.seq_len, cache_dir=self.cfg.cache_dir or None,
@@ -56,7 +55,7 @@ class PretrainStage(Stage):
         batch = {"input_ids": ids, "labels": ids}  # packed rows are full: every position is a target
         # (SFT's collate has no such split: its row is one conversation, whose turns each open with a bos.)
         if self.cfg.doc_mask:
-            batch["document_ids"] = document_ids(ids, self.bos)
+            batch["document_ids"] = document_ids(ids, BOS_ID)
         return batch
 
     loss = staticmethod(token_loss)

@@ -257,7 +257,7 @@ def test_parquet_input_cleans_like_jsonl(tmp_path: Path) -> None:
 
 
 def test_resume_after_kill_gives_the_same_output(tmp_path: Path) -> None:
-    texts, _ = planted_corpus(3000, "en", seed=7)
+    texts, _ = planted_corpus(1500, "en", seed=7)
     src = _write(tmp_path / "big.jsonl", [{"text": t + " The end of the story was told by the fire."} for t in texts])
     config = tmp_path / "c.toml"
     config.write_text("[gopher]\nmin_stop_words = 0\n")

@@ -80,12 +80,21 @@ class _Part:
     pii_rows: int = 0
     boilerplate_lines: int = 0
     boilerplate_rows: int = 0
+    eval_items: int = 0  # the decontamination index's texts (the same in every part)
+    eval_items_too_short: int = 0
 
 
 def _text_of(messages: list) -> str:
     """What SFT deduplication and the text rules look at: the user's and the assistant's words."""
     return "\n".join(m["content"] for m in messages if isinstance(m, dict)
                      and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str))
+
+
+def _decoded(raw: bytes) -> Any:
+    try:
+        return decode_line(raw)
+    except ValueError as e:
+        return e
 
 
 def _json_default(value: Any) -> Any:
@@ -108,28 +117,25 @@ class _Cleaner:
 
             self.tokenizer = load_tokenizer(plan.tokenizer)
 
-    def _rows(self, job: _Job) -> Iterator[tuple[int, bytes | None, Any]]:
-        """(line within the job, the raw line or None for Parquet, the decoded row or the ValueError)."""
+    def _read(self, job: _Job) -> tuple[int, Iterator[tuple[int, bytes | None, Any]]]:
+        """The job's line count (blank lines included: later jobs number their lines after it) and its rows:
+        (line within the job, the raw line or None for Parquet, the decoded row or the ValueError)."""
         if job.path.endswith(".parquet"):
             import pyarrow.parquet as pq
 
-            table = pq.ParquetFile(job.path).read_row_group(job.start)
-            for i, row in enumerate(table.to_pylist(), 1):
-                yield i, None, row
-            return
+            rows = pq.ParquetFile(job.path).read_row_group(job.start).to_pylist()
+            return len(rows), ((i, None, row) for i, row in enumerate(rows, 1))
         with open(job.path, "rb") as f:
             f.seek(job.start)
             data = f.read(job.end - job.start)
         if job.start == 0:
             data = data.removeprefix(b"\xef\xbb\xbf")
-        for i, raw in enumerate(data.splitlines(), 1):
-            if raw.strip():
-                try:
-                    yield i, raw, decode_line(raw)
-                except ValueError as e:
-                    yield i, raw, e
+        lines = data.split(b"\n")  # only \n ends a line, as for formats.read_lines, so the numbers agree
+        if lines and not lines[-1]:
+            lines.pop()
+        return len(lines), ((i, raw, _decoded(raw)) for i, raw in enumerate(lines, 1) if raw.strip())
 
-    def _pretrain(self, row: dict, part: _Part) -> tuple[str, bool]:
+    def _pretrain(self, row: dict, part: _Part) -> tuple[str, None, bool]:
         text = row.get("text")
         if text is None:
             raise ValueError('missing field "text"')
@@ -147,9 +153,9 @@ class _Cleaner:
             part.boilerplate_rows += n > 0
             changed |= n > 0
         row["text"] = text
-        return text, changed
+        return text, None, changed
 
-    def _sft(self, row: dict, part: _Part) -> tuple[str, bool]:
+    def _sft(self, row: dict, part: _Part) -> tuple[str, list, bool]:
         key = "conversations" if "conversations" in row else "messages"
         messages = row.get(key)
         if isinstance(messages, str):  # Parquet files (MiniMind-V's) hold the conversation as a JSON string
@@ -172,12 +178,12 @@ class _Cleaner:
             changed = n_row > 0
             if changed:
                 row[key] = messages if isinstance(row[key], list) else json.dumps(messages, ensure_ascii=False)
-        row["__messages"] = messages
-        return _text_of(messages), changed
+        return _text_of(messages), messages, changed
 
-    def _verdict(self, row: dict, text: str, toks: list[str], hashes: np.ndarray) -> tuple[str, str] | None:
+    def _verdict(self, row: dict, messages: list | None, text: str, toks: list[str],
+                 hashes: np.ndarray) -> tuple[str, str] | None:
+        """The first rule the row fails, or None; `messages`: an SFT row's conversation (None for pretraining)."""
         rules = self.rules
-        messages = row.pop("__messages", None)
         if messages is not None and rules["sft"]["enabled"]:
             verdict = sft_verdict(messages, rules["sft"], None)
             if verdict:
@@ -211,21 +217,23 @@ class _Cleaner:
 
     def __call__(self, job: _Job) -> _Part:
         part = _Part(job.number)
+        if self.index is not None:
+            part.eval_items, part.eval_items_too_short = self.index.items, self.index.short_items
         decon = self.rules["decontaminate"]
         base = Path(self.plan.work) / f"{job.number:06d}"
-        cand_line, cand_exact, cand_chars, shingles, all_chars, drop_line = [], [], [], [], [], []
+        cand_line, cand_exact, cand_chars, shingles, all_chars, drop_line, drop_rule = [], [], [], [], [], [], []
         with open(f"{base}.keep.tmp", "w", encoding="utf-8") as keep, \
                 open(f"{base}.drop.tmp", "w", encoding="utf-8") as drop, \
                 open(f"{base}.flag.tmp", "w", encoding="utf-8") as flag:
-            for line, raw, row in self._rows(job):
-                part.lines = max(part.lines, line)
+            part.lines, rows = self._read(job)
+            for line, raw, row in rows:
                 try:
                     if isinstance(row, ValueError):
                         raise row
                     if not isinstance(row, dict):
                         raise ValueError(f"expected a JSON object, got {json_type(row)}")
                     original = raw.decode("utf-8").strip() if raw is not None else None
-                    text, changed = (self._pretrain if self.plan.kind == "pretrain" else self._sft)(row, part)
+                    text, messages, changed = (self._pretrain if self.plan.kind == "pretrain" else self._sft)(row, part)
                 except ValueError as e:
                     part.bad.append((line, str(e)))
                     continue
@@ -233,7 +241,7 @@ class _Cleaner:
                 all_chars.append(len(text))
                 toks = normalize(text)
                 hashes = token_hashes(toks)
-                verdict = self._verdict(row, text, toks, hashes)
+                verdict = self._verdict(row, messages, text, toks, hashes)
                 if original is None:
                     original = json.dumps(row, ensure_ascii=False, default=_json_default)
                 if verdict is None and self.index is not None:
@@ -248,6 +256,7 @@ class _Cleaner:
                     part.removed[verdict[0]] = part.removed.get(verdict[0], 0) + 1
                     drop.write(_entry(verdict, original) + "\n")
                     drop_line.append(line)
+                    drop_rule.append(verdict[0])
                     continue
                 out = json.dumps(row, ensure_ascii=False, default=_json_default) if changed else original
                 keep.write(out + "\n")
@@ -260,7 +269,8 @@ class _Cleaner:
         np.savez(f"{base}.tmp.npz", cand_line=np.array(cand_line, np.int64),
                  cand_exact=np.array(cand_exact, np.uint64), cand_chars=np.array(cand_chars, np.int64),
                  has_shingles=np.array([len(s) > 0 for s in shingles], bool), bands=bands, signatures=signatures,
-                 all_chars=np.array(all_chars, np.int64), drop_line=np.array(drop_line, np.int64))
+                 all_chars=np.array(all_chars, np.int64), drop_line=np.array(drop_line, np.int64),
+                 drop_rule=np.array(drop_rule, dtype=str))
         for suffix in ("keep", "drop", "flag"):
             os.replace(f"{base}.{suffix}.tmp", f"{base}.{suffix}.jsonl")
         os.replace(f"{base}.tmp.npz", f"{base}.npz")
@@ -394,9 +404,8 @@ def clean(inputs: list[str | Path], out_dir: str | Path, *, kind: str | None = N
             bar.update(jobs[_.number].nbytes)
     parts = [_Part(**json.loads((work / f"{j.number:06d}.json").read_text())) for j in jobs]
     examples = _merge(jobs, parts, plan, out, report, strict)
-    if plan.eval_files and rules["decontaminate"]["enabled"]:
-        index = NgramIndex.build(list(plan.eval_files), rules["decontaminate"]["ngram"])
-        report.eval_items, report.eval_items_too_short = index.items, index.short_items
+    if parts:
+        report.eval_items, report.eval_items_too_short = parts[0].eval_items, parts[0].eval_items_too_short
     report.seconds = round(time.perf_counter() - started, 2)
     report.mb_per_s = round(report.bytes_in / 1e6 / max(report.seconds, 1e-9), 2)
     report.peak_rss_mb = round(_peak_rss_mb(), 1)
@@ -462,9 +471,10 @@ def _merge(jobs: list[_Job], parts: list[_Part], plan: Plan, out: Path, report: 
                         raise MiniMindError(f"{bad} (drop --strict to skip malformed lines)")
                     report.bad_lines += 1
                     removed["malformed"] += 1
-                    entries.append((offset + line, json.dumps({"rule": "malformed", "detail": problem})))
+                    entries.append((offset + line, "malformed", json.dumps({"rule": "malformed", "detail": problem})))
                 with open(work / f"{job.number:06d}.drop.jsonl", encoding="utf-8") as f:
-                    entries += [(offset + int(x), e.rstrip("\n")) for x, e in zip(a["drop_line"], f)]
+                    entries += [(offset + int(x), str(r), e.rstrip("\n"))
+                                for x, r, e in zip(a["drop_line"], a["drop_rule"], f)]
                 with open(work / f"{job.number:06d}.keep.jsonl", encoding="utf-8") as f:
                     for x, row in zip(a["cand_line"], f):
                         row = row.rstrip("\n")
@@ -472,7 +482,7 @@ def _merge(jobs: list[_Job], parts: list[_Part], plan: Plan, out: Path, report: 
                             rule = "exact-dup" if exact_dup[i] else "near-dup"
                             ref = f"{jobs[row_job[cluster[i]]].path}:{row_line[cluster[i]]}"
                             removed[rule] += 1
-                            entries.append((offset + int(x), _entry((rule, f"duplicate of {ref}"), row)[:-1]
+                            entries.append((offset + int(x), rule, _entry((rule, f"duplicate of {ref}"), row)[:-1]
                                             + f', "cluster": {json.dumps(ref)}}}'))
                         else:
                             kept_f.write(row + "\n")
@@ -480,11 +490,10 @@ def _merge(jobs: list[_Job], parts: list[_Part], plan: Plan, out: Path, report: 
                         i += 1
                 with open(work / f"{job.number:06d}.flag.jsonl", encoding="utf-8") as f:
                     shutil.copyfileobj(f, flag_f)
-                for line, entry in sorted(entries, key=lambda e: e[0]):
+                for line, rule, entry in sorted(entries, key=lambda e: e[0]):
                     head = f'{{"file": {json.dumps(job.path)}, "line": {line}, '
                     rem_f.write(head + entry[1:] + "\n")
-                    rule = json.loads(entry)["rule"] if len(examples) < 64 else None
-                    if rule and len(examples.setdefault(rule, [])) < EXAMPLES:
+                    if len(examples.setdefault(rule, [])) < EXAMPLES:
                         examples[rule].append(head + entry[1:])
     report.removed = dict(sorted(removed.items(), key=lambda kv: -kv[1]))
     keep_mask = ~(exact_dup | near_dup)

@@ -130,8 +130,7 @@ class MinHasher:
 
     def band_keys(self, signatures: np.ndarray) -> np.ndarray:
         """(texts, bands) uint64: one key per band of `rows` signature values; two texts that share a key are
-        candidates. A text without shingles gets keys no other text has (its row index mixed in is not enough
-        across files, so callers skip such rows)."""
+        candidates. Callers leave out texts without shingles: their all-ones signatures would all match."""
         keys = np.zeros((len(signatures), self.bands), dtype=np.uint64)
         sig = signatures.astype(np.uint64)
         for band in range(self.bands):

@@ -42,8 +42,10 @@ TOOLS_OUTRO = (
 # OpenAI content-part lists render as their text parts joined with nothing between (as the Qwen-VL templates
 # do; Qwen3's text template renders such a message empty); other parts (images) are left out.
 # Thinking: `enable_thinking` (transformers' and Qwen3's name) decides when given; MiniMind's `open_thinking`
-# only when it is not, so a client that sets both gets what the standard name says.
+# only when it is not, so a client that sets both gets what the standard name says; with neither, the model's
+# own default (`thinks_by_default`, switched on by the SFT stage for a model taught to think: with_thinking_default).
 CHAT_TEMPLATE = r"""{%- set think_tags = true %}
+{%- set thinks_by_default = false %}
 {%- macro text_of(content) %}
     {%- if content is string %}
         {{- content }}
@@ -57,8 +59,10 @@ CHAT_TEMPLATE = r"""{%- set think_tags = true %}
 {%- endmacro %}
 {%- if enable_thinking is defined and enable_thinking is not none %}
     {%- set thinking = enable_thinking %}
+{%- elif open_thinking is defined and open_thinking is not none %}
+    {%- set thinking = open_thinking %}
 {%- else %}
-    {%- set thinking = open_thinking is defined and open_thinking %}
+    {%- set thinking = thinks_by_default %}
 {%- endif %}
 {%- set has_system = messages | length > 0 and messages[0].role == 'system' %}
 {%- set system_text = text_of(messages[0].content) if has_system else '' %}
@@ -139,6 +143,22 @@ CHAT_TEMPLATES = {
     "minimind-3": CHAT_TEMPLATE,
     "minimind2": CHAT_TEMPLATE.replace("{%- set think_tags = true %}", "{%- set think_tags = false %}", 1),
 }
+
+
+THINKS_BY_DEFAULT = "{%- set thinks_by_default = true %}"
+
+
+def with_thinking_default(template: str, on: bool) -> str:
+    """The template with its default for requests that say nothing about thinking switched on or off."""
+    lines = ("{%- set thinks_by_default = false %}", THINKS_BY_DEFAULT)
+    return template.replace(lines[not on], lines[on], 1)
+
+
+def thinks_by_default(tokenizer: Any) -> bool:
+    """Whether the model thinks when a request says nothing about it, as its chat template says (a model
+    directory carries the default in the template, so transformers' apply_chat_template follows it too)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and THINKS_BY_DEFAULT in template
 
 
 def chat_format(tokenizer: Any) -> str:
@@ -307,10 +327,14 @@ def _call_text(call: dict) -> str:
     return f'{CALL_OPEN}\n{{"name": "{fn["name"]}", "arguments": {args_text}}}\n{CALL_CLOSE}'
 
 
-def thinking_on(enable_thinking: bool | None = None, open_thinking: bool | None = None) -> bool:
+def thinking_on(enable_thinking: bool | None = None, open_thinking: bool | None = None,
+                default: bool = False) -> bool:
     """Whether the generation prompt opens `<think>`: enable_thinking when given (not None), else open_thinking,
-    else off. The rule CHAT_TEMPLATE and the API follow too."""
-    return bool(enable_thinking) if enable_thinking is not None else bool(open_thinking)
+    else the model's default (thinks_by_default). The rule CHAT_TEMPLATE and the API follow too."""
+    for flag in (enable_thinking, open_thinking):
+        if flag is not None:
+            return bool(flag)
+    return default
 
 
 def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: bool = False,

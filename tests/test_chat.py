@@ -20,6 +20,9 @@ from minimind.chat import (
     parse_call,
     render,
     render_with_spans,
+    thinking_on,
+    thinks_by_default,
+    with_thinking_default,
 )
 from minimind.tokenizer import train_tokenizer
 
@@ -156,6 +159,28 @@ def test_thinking_off_by_default_and_false_stays_off():
     off = render(messages, add_generation_prompt=True)
     assert off.endswith("<|im_start|>assistant\n" + EMPTY)
     assert render(messages, add_generation_prompt=True, enable_thinking=False, open_thinking=False) == off
+
+
+def test_a_model_that_thinks_by_default_opens_think_unless_a_request_says_otherwise(tok):
+    """The default lives in the template, so transformers' apply_chat_template follows it as our surfaces do;
+    enable_thinking, then open_thinking, still decide when a request gives them."""
+    messages = [u("hi")]
+    thinking = render(messages, add_generation_prompt=True, enable_thinking=True)
+    off = render(messages, add_generation_prompt=True, enable_thinking=False)
+    assert thinking.endswith("<|im_start|>assistant\n<think>\n") and off != thinking
+    assert not thinks_by_default(tok)
+    tok.chat_template = with_thinking_default(CHAT_TEMPLATE, True)
+    try:
+        assert thinks_by_default(tok) and tok.chat_template != CHAT_TEMPLATE
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == thinking
+        for kwargs, expected in (({"enable_thinking": False}, off), ({"open_thinking": False}, off),
+                                 ({"enable_thinking": True, "open_thinking": False}, thinking)):
+            assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs) == expected
+        assert with_thinking_default(tok.chat_template, False) == CHAT_TEMPLATE
+    finally:
+        tok.chat_template = CHAT_TEMPLATE
+    assert [thinking_on(None, None, d) for d in (False, True)] == [False, True]
+    assert thinking_on(False, True, True) is False and thinking_on(None, False, True) is False
 
 
 def test_spans_cover_assistant_turns_only():

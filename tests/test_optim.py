@@ -72,13 +72,13 @@ def test_the_schedule_drives_both_optimizers_from_their_own_peak_rates():
     assert {g["lr"] for o in optimizers for g in o.param_groups} == {5e-4}
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """The quintic iteration towards the nearest semi-orthogonal matrix (Keller Jordan's coefficients), in
-    bfloat16, on the wide orientation, after scaling to Frobenius norm 1. X <- aX + (bA + cA^2)X with A = XX^T,
-    each bracket one fused multiply-add as torch does it: bfloat16 rounds each operation, and five iterations
-    turn a different order of roundings into differences of a few percent."""
+def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
+    """The quintic iteration towards the nearest semi-orthogonal matrix (Keller Jordan's coefficients) on the
+    wide orientation, after scaling to Frobenius norm 1. X <- aX + (bA + cA^2)X with A = XX^T, each bracket one
+    fused multiply-add as torch does it: bfloat16 rounds each operation, and five iterations turn a different
+    order of roundings into differences of a few percent."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -89,12 +89,15 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if tall else x
 
 
-def test_a_muon_step_is_momentum_then_newton_schulz_scaled_to_adamw_rms():
+# bf16: torch.optim.Muon's own step; fp32: ours, for CPUs that emulate bf16 matmuls (100x slower there)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_muon_step_is_momentum_then_newton_schulz_scaled_to_adamw_rms(dtype):
     torch.manual_seed(0)
     model = small_model("qwen3", intermediate_size=96).train()  # 64 x 96 and 96 x 64: both orientations
     lr, wd, momentum = 5e-3, 0.1, 0.95
     muon = [o for o in make_optimizers(model, TrainConfig(optimizer="muon", lr=lr, weight_decay=wd), CPU)
             if isinstance(o, torch.optim.Muon)][0]
+    muon.dtype = dtype
     params = [p for g in muon.param_groups for p in g["params"]]
     initial = [p.detach().clone() for p in params]
     expected = [p.detach().clone() for p in params]
@@ -109,7 +112,7 @@ def test_a_muon_step_is_momentum_then_newton_schulz_scaled_to_adamw_rms():
         for i, (w, g) in enumerate(zip(expected, grads)):
             # buffer <- m buffer + (1 - m) g; Nesterov: update from (1 - m) g + m buffer (as lerps, torch's roundings)
             buffers[i] = buffers[i].lerp(g, 1 - momentum)
-            update = newton_schulz(g.lerp(buffers[i], momentum)).float()
+            update = newton_schulz(g.lerp(buffers[i], momentum), dtype).float()
             scaled = lr * 0.2 * math.sqrt(max(w.shape))  # adjust_lr_fn="match_rms_adamw"
             expected[i] = w * (1 - lr * wd) - scaled * update
     assert max((p.detach() - e).abs().max().item() for p, e in zip(params, expected)) < 1e-5

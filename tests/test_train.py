@@ -392,8 +392,13 @@ def test_right_by_kind_counts_pairs_ranked_right_per_family_and_kind():
 
 
 def test_demo_quick_runs_the_whole_pipeline(tmp_path):
-    proc = run_cli("demo", "--quick", "--all", "--out", str(tmp_path / "demo"))
+    from minimind.recipes.demo import QUICK
+
+    proc = run_cli("demo", "--quick", "--all", "--out", str(tmp_path / "demo"), "--seed", "3")
     report = (tmp_path / "demo" / "report.md").read_text()
+    # fixed step counts, whatever the speed: run_cli throttles the run to one thread
+    assert re.search(rf"pretrain/model` \({QUICK['pretrain_steps']} steps, ", report)
+    assert re.search(rf"sft/model` \({QUICK['sft_steps']} steps, ", report)
     for part in ("kept after cleaning", "Tokenizer", "Pretraining", "Supervised fine-tuning", "bits per byte",
                  "held-out task accuracy",
                  "well-formed thinking", "tool tasks", "Sample chats", "LoRA", "with the LoRA adapter",

@@ -153,9 +153,11 @@ def test_initial_settings_come_from_the_model_card_unless_the_page_flags_say_oth
     from minimind.serve.webui import initial_settings, page_args
 
     card = {"id": "m", "sampling_defaults": {"temperature": 0.3, "top_p": 0.6, "top_k": 50, "max_new_tokens": 99}}
-    assert initial_settings(page_args([]), card) == {"temperature": 0.3, "top_p": 0.6, "max_tokens": 99}
+    assert initial_settings(page_args([]), card) == {"temperature": 0.3, "top_p": 0.6, "max_tokens": 99,
+                                                     "thinking": False}
+    assert initial_settings(page_args([]), {**card, "thinks_by_default": True})["thinking"] is True
     flags = page_args(["--temperature", "0", "--max-tokens", "60"])
-    assert initial_settings(flags, card) == {"temperature": 0.0, "top_p": 0.6, "max_tokens": 60}
+    assert initial_settings(flags, card) == {"temperature": 0.0, "top_p": 0.6, "max_tokens": 60, "thinking": False}
     plain = SamplingParams()
     assert initial_settings(page_args([]), {"id": "unreachable", "error": "x"}) == \
-        {"temperature": plain.temperature, "top_p": plain.top_p, "max_tokens": plain.max_new_tokens}
+        {"temperature": plain.temperature, "top_p": plain.top_p, "max_tokens": plain.max_new_tokens, "thinking": False}

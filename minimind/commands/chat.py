@@ -138,7 +138,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--think", action="store_true", help="let the model think first (enable_thinking) and show it")
+    p.add_argument("--think", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the model think first (enable_thinking) and show it; default: as the model's chat "
+                        "template says (on for a model taught to think, such as the demo's)")
     add_sampling_flags(p)
 
 

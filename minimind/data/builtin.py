@@ -307,7 +307,8 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
                   pretrain_val_chars: int = 100_000, sft_tasks: int = 2000, val_tasks: int = 100,
                   heldout_tasks: int = 200, rl_tasks: int = 1000, dpo_pairs: int = 500,
                   dialogue_val_fraction: float = 0.05, pretrain_tasks: int = 0, pretrain_drill: int = 0,
-                  families: Sequence[str] | None = None, documents: str | Path | None = None) -> dict[str, Path]:
+                  families: Sequence[str] | None = None, documents: str | Path | None = None,
+                  dialogues_cap: int | None = None) -> dict[str, Path]:
     """Write every built-in data file into `out_dir`, deterministic for `seed`; returns {name: path}.
 
     pretrain / pretrain_val: Shakespeare scenes and Chinese news / reviews (val documents never in pretrain).
@@ -320,7 +321,8 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     model meets digits and copying before SFT; pretrain_drill: that many documents of arithmetic facts
     (tasks.arithmetic_drill) go in too. `families` picks the task families, taken in turn (a family
     named twice gets twice the rows); default: each once. `documents`: take the pretraining text from this
-    JSONL file (e.g. the output of `minimind data clean` on write_pretrain_jsonl's) instead of the packages."""
+    JSONL file (e.g. the output of `minimind data clean` on write_pretrain_jsonl's) instead of the packages.
+    `dialogues_cap`: at most this many chatterbot dialogues in sft (default: all of them)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.jsonl"
@@ -339,7 +341,7 @@ def write_builtin(out_dir: str | Path, seed: int = 0, pretrain_chars: int | None
     rng = random.Random(f"minimind-sft/{seed}")
     rng.shuffle(dialogues)
     n_val = round(len(dialogues) * dialogue_val_fraction)
-    sft = dialogues[n_val:] + [_sft(r) for r in train[:sft_tasks]]
+    sft = dialogues[n_val:][:dialogues_cap] + [_sft(r) for r in train[:sft_tasks]]
     sft_val = dialogues[:n_val] + [_sft(r) for r in heldout[:val_tasks]]
     rng.shuffle(sft)
     rng.shuffle(sft_val)

@@ -8,7 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
-from minimind.chat import encode_chat, parse_assistant
+from minimind.chat import encode_chat, parse_assistant, thinks_by_default
 from minimind.checkpoint import load_model
 from minimind.data.builtin import write_builtin, write_pretrain_jsonl
 from minimind.data.clean import clean
@@ -29,42 +29,45 @@ from minimind.train.loop import train
 from minimind.train.pretrain import PretrainStage
 from minimind.train.sft import SFTStage
 
-# Sized for 2 CPU cores. The machine's speed varies a lot, so each stage gets a time budget (seconds) and
-# fits its number of steps to it (capped by the steps given). SFT gets the larger share: the measured
-# skills (worked arithmetic, counting, units, identity) are taught there. `quick` is for tests.
+# Fixed step counts, so the recipe trains the same on any machine and a faster one only finishes sooner: sized
+# to about 12 minutes on 2 CPU cores. `--time-budget S` fits the training stages to S seconds instead (split as
+# BUDGET_SHARE says, up to TIME_BUDGET_CAP times the fixed counts). SFT gets most of the time: the measured
+# skills (worked arithmetic, counting, units, identity) are taught there.
 # Arithmetic is the slowest skill to arrive: held-out accuracy climbs steeply with the share of SFT it gets
 # (measured from one pretrained model, 480 s of one-thread SFT: 66% with all of it, 17% with three quarters of
-# the tokens, 3% with two fifths). So it gets ten of the fourteen task shares, and pretraining carries a drill of
-# the one-column facts its worked steps are made of. The calculator tasks get one share: each of their rows
-# spends ~330 tokens on the tool definitions. The unit converter tool is left out (`minimind data builtin
-# --families` can put it in): its questions are the units family's, answered a second way.
+# the tokens, 3% with two fifths). So it gets ten of the fourteen task shares, the chatterbot dialogues are cut
+# to 800, and pretraining carries a drill of the one-column facts its worked steps are made of. The calculator
+# tasks get one share: each of their rows spends ~330 tokens on the tool definitions. The unit converter tool is
+# left out (`minimind data builtin --families` can put it in): its questions are the units family's, answered a
+# second way. Both stages train with Muon: at the same rate it reached an SFT validation loss of 1.67 in 300
+# steps where AdamW was at 2.16 (README, Optimizers, for pretraining).
 FAMILIES = ("arithmetic",) * 10 + ("counting", "units", "identity", "calculator")
-FULL = dict(corpus_chars=None, vocab=6400, pretrain_steps=3000, pretrain_budget=150, sft_steps=5000, sft_budget=530,
+FULL = dict(corpus_chars=None, vocab=6400, pretrain_steps=120, sft_steps=1600, optimizer="muon",
             seq_len=256, sft_seq_len=512, batch=16, probes=600,
-            data=dict(sft_tasks=8000, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=600, families=FAMILIES),
+            data=dict(sft_tasks=8000, dialogues_cap=800, pretrain_tasks=12000, pretrain_drill=1500, heldout_tasks=600,
+                      families=FAMILIES),
             # --all: the post-training stages
-            lora_steps=100, dpo_steps=400, dpo_budget=120, distill_steps=400, distill_budget=120, rl_budget=780)
-QUICK = dict(corpus_chars=300_000, vocab=800, pretrain_steps=30, pretrain_budget=0, sft_steps=30, sft_budget=0,
+            lora_steps=100, dpo_steps=120, distill_steps=120, rl_budget=780)
+BUDGET_SHARE = {"pretrain": 0.18, "sft": 0.82}
+TIME_BUDGET_CAP = 3
+QUICK = dict(corpus_chars=300_000, vocab=800, pretrain_steps=30, sft_steps=30, optimizer="muon",
              seq_len=128, sft_seq_len=512, batch=8, probes=24,
              data=dict(pretrain_chars=200_000, pretrain_val_chars=20_000, sft_tasks=300, val_tasks=20,
                        heldout_tasks=40, rl_tasks=50, dpo_pairs=50, pretrain_drill=20),
-             lora_steps=4, dpo_steps=4, dpo_budget=0, distill_steps=4, distill_budget=0, rl_budget=0)
+             lora_steps=4, dpo_steps=4, distill_steps=4, rl_budget=0)
 
-CHATS = [
-    ("Who are you?", False),
-    ("你是谁？", False),
-    ("What is 47 + 38?", True),
-    ("计算 63 - 27 等于多少？", True),
-    ("Convert 3 kilometers to meters.", True),
-    ("Hello! How are you today?", False),
-]
+CHATS = ["Who are you?", "你是谁？", "What is 47 + 38?", "计算 63 - 27 等于多少？", "Convert 3 kilometers to meters.",
+         "Hello! How are you today?"]
 HELD_OUT_TEXT = {
     "English": "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.",
     "Chinese": "新华社北京一月三日电，国务院新闻办公室今天举行新闻发布会，介绍今年经济工作的主要任务。",
 }
 
 
-def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
+def run_demo(out: Path, quick: bool = False, all_stages: bool = False, seed: int = 0,
+             time_budget: float = 0.0) -> None:
+    """seed: the data's and the training's (initial weights, batch order); time_budget: seconds for pretraining
+    and SFT together, fitted to this machine's speed, instead of the fixed step counts."""
     size = QUICK if quick else FULL
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
     say(f"- the packages' text: {cleaned.rows_in:,} documents, {cleaned.rows_out:,} kept after cleaning; removed: "
         f"{removed} (examples and the length plot: `{out / 'data' / 'clean' / 'report.md'}`)")
     stage_time("cleaning", t0)
-    files = write_builtin(out / "data", seed=0, documents=out / "data" / "clean" / "clean.jsonl", **size["data"])
+    files = write_builtin(out / "data", seed=seed, documents=out / "data" / "clean" / "clean.jsonl", **size["data"])
     for name, path in files.items():
         say(f"- {name}: `{path}` ({sum(1 for _ in open(path, encoding='utf-8')):,} rows)")
 
@@ -102,12 +105,14 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
     stage_time("tokenizer", t0)
 
     common = dict(batch_size=size["batch"], workers=1, progress=not quick, log_every=25 if not quick else 10,
-                  keep_last=1)
+                  keep_last=1, seed=seed, optimizer=size["optimizer"])
+    steps = {stage: size[f"{stage}_steps"] * (TIME_BUDGET_CAP if time_budget else 1) for stage in BUDGET_SHARE}
+    budget = {stage: share * time_budget for stage, share in BUDGET_SHARE.items()}
     say("\n## 3. Pretraining")
     t0 = time.perf_counter()
     pre_dir = train(TrainConfig(stage="pretrain", out=str(out / "pretrain"), data=str(files["pretrain"]),
                                 val_data=str(files["pretrain_val"]), preset="tiny", tokenizer=str(tok_dir),
-                                steps=size["pretrain_steps"], time_budget=size["pretrain_budget"], lr=2e-3,
+                                steps=steps["pretrain"], time_budget=budget["pretrain"], lr=2e-3,
                                 warmup_steps=20, seq_len=size["seq_len"], **common), PretrainStage)
     say(f"- model -> `{pre_dir}` ({speed(out / 'pretrain')})\n\n![pretraining loss](pretrain/loss.png)")
     stage_time("pretraining", t0)
@@ -115,8 +120,8 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
     say("\n## 4. Supervised fine-tuning")
     t0 = time.perf_counter()
     sft_dir = train(TrainConfig(stage="sft", out=str(out / "sft"), data=str(files["sft"]),
-                                val_data=str(files["sft_val"]), init_from=str(pre_dir), steps=size["sft_steps"],
-                                time_budget=size["sft_budget"], lr=2e-3, warmup_steps=10,
+                                val_data=str(files["sft_val"]), init_from=str(pre_dir), steps=steps["sft"],
+                                time_budget=budget["sft"], lr=2e-3, warmup_steps=10,
                                 seq_len=size["sft_seq_len"], **common), SFTStage)
     say(f"- model -> `{sft_dir}` ({speed(out / 'sft')})\n\n![SFT loss](sft/loss.png)")
     stage_time("SFT", t0)
@@ -148,13 +153,16 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False) -> None:
         f"of {tools['n']} |")
     stage_time("evaluation", t0)
 
-    say("\n## 6. Sample chats (greedy)")
-    for question, think in CHATS:
+    # As `minimind chat`, `webui` and `serve` ask it: thinking as the model's chat template says (SFT switched
+    # it on, most of its conversations think).
+    think = thinks_by_default(tokenizer)
+    say(f"\n## 6. Sample chats (greedy; thinking {'on' if think else 'off'}, the model's default)")
+    for question in CHATS:
         ids, _ = encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True,
                              enable_thinking=think)
         text = generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=120, temperature=0))[0].text
         reply = parse_assistant(("<think>\n" if think else "") + text)
-        say(f"\n**user:** {question}" + (" (thinking on)" if think else ""))
+        say(f"\n**user:** {question}")
         if reply["reasoning_content"]:
             say(f"> thinking: {reply['reasoning_content']!r}")
         say(f"**minimind:** {reply['content']}")
@@ -197,7 +205,7 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
         "prompts.")
     before = pair_margins(sft_model, tokenizer, val_pairs, per_token=True)
     dpo_dir = train(TrainConfig(stage="dpo", out=str(out / "dpo"), data=str(dpo_data), init_from=str(sft_dir),
-                                steps=size["dpo_steps"], time_budget=size["dpo_budget"], lr=2e-4, dpo_beta=0.1,
+                                steps=size["dpo_steps"], lr=2e-4, dpo_beta=0.1,
                                 # without the NLL term the chosen replies lose likelihood too, and the tuned
                                 # model answered 32.5% -> 18.2% of the held-out tasks (29.0% with it)
                                 dpo_nll_weight=1.0, batch_size=8, seq_len=size["sft_seq_len"], warmup_steps=2,
@@ -223,7 +231,7 @@ def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Pat
     kl_before = heldout_kl(load_model(pre_dir), teacher, tokenizer, files["sft_val"])
     student_dir = train(TrainConfig(stage="distill", out=str(out / "distill"), data=str(files["sft"]),
                                     init_from=str(pre_dir), teacher=str(sft_dir), steps=size["distill_steps"],
-                                    time_budget=size["distill_budget"], lr=2e-3, batch_size=16,
+                                    lr=2e-3, batch_size=16,
                                     seq_len=size["sft_seq_len"], warmup_steps=5, **common), DistillStage)
     kl_after = heldout_kl(load_model(student_dir), teacher, tokenizer, files["sft_val"])
     say(f"Held-out KL(teacher || student) per assistant token: {kl_before:.3f} before, {kl_after:.3f} after "
@@ -257,12 +265,15 @@ def right_by_kind(pairs: list[dict], before: list[float], after: list[float]) ->
 
 
 def speed(run: Path) -> str:
-    """A training stage's median tokens/s and MFU over its logged steps (the first, with its warm-up, left out)."""
-    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "tokens_per_s" in r][1:]
+    """A training stage's steps, and its median tokens/s and MFU over its logged steps (the first, with its
+    warm-up, left out)."""
+    logged = read_jsonl(run / "metrics.jsonl")
+    steps = f"{max((r['step'] for r in logged if 'step' in r), default=0):,} steps"
+    rows = [r for r in logged if "tokens_per_s" in r][1:]
     if not rows:
-        return "speed not logged"
+        return f"{steps}, speed not logged"
     mfu = [r["mfu"] for r in rows if r.get("mfu") is not None]
-    return (f"{statistics.median(r['tokens_per_s'] for r in rows):,.0f} tokens/s, MFU "
+    return (f"{steps}, {statistics.median(r['tokens_per_s'] for r in rows):,.0f} tokens/s, MFU "
             + (f"{100 * statistics.median(mfu):.1f}%" if mfu else "peak unknown"))
 
 

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from minimind.chat import AssistantParser, chat_format, check_format, encode_chat, render
+from minimind.chat import AssistantParser, chat_format, check_format, encode_chat, render, thinks_by_default
 from minimind.generation import Completion, SamplingParams
 from minimind.serve.scheduler import Event, QueueFull, Scheduler
 from minimind.serve.schemas import (
@@ -159,7 +159,7 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
     app = FastAPI(title="minimind", lifespan=_lifespan, **off)
     state = app.state
     state.model, state.tokenizer, state.name = model, tokenizer, name
-    state.chat_format = chat_format(tokenizer)
+    state.chat_format, state.thinks_by_default = chat_format(tokenizer), thinks_by_default(tokenizer)
     state.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     state.dispatcher = Dispatcher()
     state.context = max_model_len or context
@@ -216,6 +216,7 @@ async def models(request: Request) -> dict:
     return {"object": "list", "data": [{"id": state.name, "object": "model", "created": state.created,
                                         "owned_by": "minimind", "parameters": state.parameters,
                                         "context_length": state.context,
+                                        "thinks_by_default": state.thinks_by_default,
                                         "sampling_defaults": state.sampling_defaults}]}
 
 
@@ -291,7 +292,7 @@ async def chat(request: Request):
     if not req.messages:
         raise APIError(400, "messages must contain at least one message", param="messages",
                        code="empty_messages")
-    thinking, tools = chat_options(req)
+    thinking, tools = chat_options(req, state.thinks_by_default)
     try:
         check_format(state.chat_format, thinking, tools)
     except ValueError as e:  # a minimind2-era model has no tokens for thinking or tools

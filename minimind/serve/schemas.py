@@ -144,11 +144,12 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
         raise RequestValidationError(errors) from None
 
 
-def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
+def chat_options(req: ChatRequest, thinks_by_default: bool = False) -> tuple[bool, list[dict] | None]:
     """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases.
 
     Thinking follows chat.thinking_on: `enable_thinking` decides when the request gives it (in
-    chat_template_kwargs, else at the top level), else `open_thinking` (MiniMind's name, in either place)."""
+    chat_template_kwargs, else at the top level), else `open_thinking` (MiniMind's name, in either place), else
+    the model's default."""
     kwargs = req.chat_template_kwargs or {}
 
     def flag(name: str) -> bool | None:
@@ -158,7 +159,7 @@ def chat_options(req: ChatRequest) -> tuple[bool, list[dict] | None]:
                            param=f"chat_template_kwargs.{name}")
         return value if value is not None else getattr(req, name)
 
-    thinking = thinking_on(flag("enable_thinking"), flag("open_thinking"))
+    thinking = thinking_on(flag("enable_thinking"), flag("open_thinking"), thinks_by_default)
     tools = req.tools or None
     for i, tool in enumerate(tools or []):
         if not isinstance(_function_name(tool), str):

@@ -31,12 +31,14 @@ def page_args(argv: list[str]) -> argparse.Namespace:
 
 
 def initial_settings(args: argparse.Namespace, card: dict) -> dict:
-    """The sliders' starting values: the page's own flag when given, else the model's sampling defaults from its
-    card in /v1/models, else SamplingParams' own (what the API samples with when a request leaves them out)."""
+    """The controls' starting values: the page's own flag when given, else the model's sampling defaults from its
+    card in /v1/models, else SamplingParams' own (what the API samples with when a request leaves them out); the
+    thinking switch as the model's default (its card's thinks_by_default)."""
     model = {**asdict(SamplingParams()), **(card.get("sampling_defaults") or {})}
     flags = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens}
     defaults = {"temperature": model["temperature"], "top_p": model["top_p"], "max_tokens": model["max_new_tokens"]}
-    return {key: defaults[key] if flag is None else flag for key, flag in flags.items()}
+    return {**{key: defaults[key] if flag is None else flag for key, flag in flags.items()},
+            "thinking": bool(card.get("thinks_by_default"))}
 
 
 @st.cache_resource
@@ -123,9 +125,10 @@ def main() -> None:
                     + (f"  \n**Context:** {card['context_length']} tokens" if card.get("context_length") else ""))
         if card.get("error"):
             st.error(f"API at {args.api} unreachable: {card['error']}")
-        thinking = st.toggle("Thinking", value=False, help="let the model think first (enable_thinking)")
-        chosen = st.multiselect("Tools", list(TOOLS), default=[], help="functions the model may call")
         start = initial_settings(args, card)
+        thinking = st.toggle("Thinking", value=start["thinking"],
+                             help="let the model think first (enable_thinking); starts as the model's default")
+        chosen = st.multiselect("Tools", list(TOOLS), default=[], help="functions the model may call")
         temperature = st.slider("Temperature", 0.0, 2.0, float(start["temperature"]), 0.05)
         top_p = st.slider("Top-p", 0.05, 1.0, float(start["top_p"]), 0.05)
         max_tokens = st.number_input("Max tokens", 1, 8192, int(start["max_tokens"]), 16)

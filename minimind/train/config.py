@@ -30,6 +30,9 @@ class TrainConfig:
     system_prompt_prob: float = 0.0  # SFT: add a random system prompt to this share of chats (MiniMind: 0.2)
     keep_empty_think_prob: float = 1.0  # SFT: keep empty think blocks in this share of chats (MiniMind: 0.2)
     tag_loss_weight: float = 1.0  # SFT: loss weight of the <think>/</think>/<tool_call>/</tool_call> tokens
+    # SFT: whether the trained model thinks when a chat says nothing about it (written into its chat template,
+    # read by chat, generate, serve and the web page): auto = when most training conversations carry thinking
+    thinks_by_default: str = "auto"
     # SFT, LoRA, distill and DPO: the "\n" after each assistant <|im_end|> carries loss too, as MiniMind's labels
     # do; off: loss stops at <|im_end|>, as in transformers and TRL (that newline is the template's to write)
     train_newline_after_eos: bool = False

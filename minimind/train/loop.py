@@ -26,6 +26,7 @@ from minimind.files import atomic_path
 from minimind.model import MiniMindForCausalLM, MoE
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig, to_toml
+from minimind.train.muon import Muon, ns_dtype
 from minimind.train.stage import Batch, Dist, Stage
 
 # ---- machine ------------------------------------------------------------------------------------------
@@ -163,9 +164,10 @@ def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """The optimizers of a run, each owning its own trainable parameters: AdamW (fused where torch has the
     kernel; weight decay on matrices only, not norms) on everything, or with optimizer = "muon" on everything
-    but muon_matrices(), which go to torch.optim.Muon. Muon runs with adjust_lr_fn="match_rms_adamw": its update
-    is scaled to the RMS of a typical AdamW update (0.2 x sqrt(max side)), so the rate and weight decay tuned for
-    AdamW carry over (Moonshot's "Muon is Scalable for LLM Training"), hence muon_lr defaults to lr."""
+    but muon_matrices(), which go to Muon (torch's, orthogonalising in fp32 on CPUs without bf16 units). Muon
+    runs with adjust_lr_fn="match_rms_adamw": its update is scaled to the RMS of a typical AdamW update
+    (0.2 x sqrt(max side)), so the rate and weight decay tuned for AdamW carry over (Moonshot's "Muon is
+    Scalable for LLM Training"), hence muon_lr defaults to lr."""
     if cfg.optimizer not in OPTIMIZERS:
         raise MiniMindError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
     muon = muon_matrices(model) if cfg.optimizer == "muon" else []
@@ -181,8 +183,8 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         optimizers.append(torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                             fused=device.type in ("cuda", "cpu")))
     if muon:
-        optimizers.append(torch.optim.Muon(muon, lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay,
-                                           adjust_lr_fn="match_rms_adamw"))
+        optimizers.append(Muon(muon, ns_dtype(device), lr=cfg.muon_lr or cfg.lr, weight_decay=cfg.weight_decay,
+                               adjust_lr_fn="match_rms_adamw"))
     return optimizers
 
 

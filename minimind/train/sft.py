@@ -3,10 +3,14 @@ tool calls and closing <|im_end|>). `minimind train sft --config configs/tiny_sf
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
-from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN
+from minimind import MiniMindError
+from minimind.chat import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, THINK_OPEN, chat_format, with_thinking_default
 from minimind.train.pretrain import PretrainStage, token_loss
 from minimind.train.stage import real_lengths, target_tokens
 
@@ -37,6 +41,8 @@ class SFTStage(PretrainStage):
     def setup(self, model: torch.nn.Module, device: torch.device) -> None:
         """With tag_loss_weight != 1, the structure tokens (think and tool-call tags) weigh more in the loss,
         as MiniMind's reasoning distillation does, so a small model learns to open and close them reliably."""
+        if self.cfg.thinks_by_default not in ("auto", "on", "off"):
+            raise MiniMindError(f"thinks_by_default must be auto, on or off, not {self.cfg.thinks_by_default!r}")
         if self.cfg.tag_loss_weight != 1.0:
             self.weight = torch.ones(model.config.vocab_size, device=device)
             for tag in (THINK_OPEN, THINK_CLOSE, CALL_OPEN, CALL_CLOSE):
@@ -50,7 +56,18 @@ class SFTStage(PretrainStage):
         if data.skipped:
             self.say(f"{path}: {data.skipped:,} of {len(data.data):,} rows have no assistant token within seq_len "
                      f"{self.cfg.seq_len}; training skips them")
+        if path == self.cfg.data:
+            self.thinking_share = thinking_share(data, self.tokenizer)
         return data
+
+    def save(self, model: torch.nn.Module, out: Path, tokenizer) -> Any:
+        """The model directory, its chat template saying whether the model thinks when a chat does not say
+        (thinks_by_default): a model taught its answers with thinking answers worse without it."""
+        choice = self.cfg.thinks_by_default
+        on = choice == "on" or (choice == "auto" and getattr(self, "thinking_share", 0.0) > 0.5)
+        if chat_format(tokenizer) == "minimind-3" and isinstance(tokenizer.chat_template, str):
+            tokenizer.chat_template = with_thinking_default(tokenizer.chat_template, on)
+        return super().save(model, out, tokenizer)
 
     def pack_options(self) -> dict:
         return {"system_prompt_prob": self.cfg.system_prompt_prob,
@@ -71,3 +88,23 @@ class SFTStage(PretrainStage):
             target = torch.from_numpy(row.astype(np.int64))
             labels[i, :len(row)] = torch.where(torch.from_numpy(mask.astype(bool)), target, -100)
         return {"input_ids": ids, "labels": labels}
+
+
+def thinking_share(data: RowsWithLoss, tokenizer, sample: int = 2000) -> float:
+    """The share of training rows whose assistant writes thinking (a non-empty think block), from a fixed
+    sample of rows: the estimate is within a few points, at a few milliseconds."""
+    if not len(data):
+        return 0.0
+    open_id, close_id = (tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE))
+    rows = np.random.default_rng(0).choice(len(data), size=min(sample, len(data)), replace=False)
+    thinking = 0
+    for i in rows:
+        ids, mask = data[int(i)]
+        opens = np.flatnonzero((ids == open_id) & (mask > 0))
+        closes = np.flatnonzero(ids == close_id)
+        for start in opens:
+            end = closes[np.searchsorted(closes, start)] if closes.size and closes[-1] > start else len(ids)
+            if tokenizer.decode(ids[start + 1:end].tolist()).strip():
+                thinking += 1
+                break
+    return thinking / len(rows)

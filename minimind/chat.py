@@ -43,7 +43,8 @@ TOOLS_OUTRO = (
 # do; Qwen3's text template renders such a message empty); other parts (images) are left out.
 # Thinking: `enable_thinking` (transformers' and Qwen3's name) decides when given; MiniMind's `open_thinking`
 # only when it is not, so a client that sets both gets what the standard name says; with neither, the model's
-# own default (`thinks_by_default`, switched on by the SFT stage for a model taught to think: with_thinking_default).
+# own default: an empty think block, or with `thinks_by_default` (switched on by the SFT stage for a model taught
+# to think: with_thinking_default) nothing, so the model writes its own think block, empty or not, as Qwen3 does.
 CHAT_TEMPLATE = r"""{%- set think_tags = true %}
 {%- set thinks_by_default = false %}
 {%- macro text_of(content) %}
@@ -62,7 +63,7 @@ CHAT_TEMPLATE = r"""{%- set think_tags = true %}
 {%- elif open_thinking is defined and open_thinking is not none %}
     {%- set thinking = open_thinking %}
 {%- else %}
-    {%- set thinking = thinks_by_default %}
+    {%- set thinking = none if thinks_by_default else false %}
 {%- endif %}
 {%- set has_system = messages | length > 0 and messages[0].role == 'system' %}
 {%- set system_text = text_of(messages[0].content) if has_system else '' %}
@@ -130,7 +131,7 @@ CHAT_TEMPLATE = r"""{%- set think_tags = true %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
-    {%- if not think_tags %}
+    {%- if not think_tags or thinking is none %}
     {%- elif thinking %}
         {{- '<think>\n' }}
     {%- else %}
@@ -149,14 +150,16 @@ THINKS_BY_DEFAULT = "{%- set thinks_by_default = true %}"
 
 
 def with_thinking_default(template: str, on: bool) -> str:
-    """The template with its default for requests that say nothing about thinking switched on or off."""
+    """The template with its default for requests that say nothing about thinking: on, the prompt ends at the
+    assistant header and the model opens its think block itself; off, an empty think block is written for it."""
     lines = ("{%- set thinks_by_default = false %}", THINKS_BY_DEFAULT)
     return template.replace(lines[not on], lines[on], 1)
 
 
 def thinks_by_default(tokenizer: Any) -> bool:
-    """Whether the model thinks when a request says nothing about it, as its chat template says (a model
-    directory carries the default in the template, so transformers' apply_chat_template follows it too)."""
+    """Whether the model decides for itself whether to think when a request says nothing about it, as its chat
+    template says (a model directory carries the default in the template, so transformers' apply_chat_template
+    follows it too)."""
     template = getattr(tokenizer, "chat_template", None)
     return isinstance(template, str) and THINKS_BY_DEFAULT in template
 
@@ -328,30 +331,33 @@ def _call_text(call: dict) -> str:
 
 
 def thinking_on(enable_thinking: bool | None = None, open_thinking: bool | None = None,
-                default: bool = False) -> bool:
-    """Whether the generation prompt opens `<think>`: enable_thinking when given (not None), else open_thinking,
-    else the model's default (thinks_by_default). The rule CHAT_TEMPLATE and the API follow too."""
+                default: bool = False) -> bool | None:
+    """Whether the generation prompt opens `<think>` (True), writes an empty think block (False) or leaves it to
+    the model (None): enable_thinking when given (not None), else open_thinking, else the model's default
+    (thinks_by_default: None, else False). The rule CHAT_TEMPLATE and the API follow too."""
     for flag in (enable_thinking, open_thinking):
         if flag is not None:
             return bool(flag)
-    return default
+    return None if default else False
 
 
 def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
                       enable_thinking: bool | None = None, open_thinking: bool | None = None,
-                      chat_format: str = "minimind-3") -> tuple[str, list[tuple[int, int]]]:
+                      chat_format: str = "minimind-3", thinks_by_default: bool = False
+                      ) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; also return the [start, end) character ranges that carry loss: each assistant
     turn from just after its `<|im_start|>assistant\\n` header through its `<|im_end|>`."""
-    return _render(messages, tools, add_generation_prompt, thinking_on(enable_thinking, open_thinking),
+    return _render(messages, tools, add_generation_prompt,
+                   thinking_on(enable_thinking, open_thinking, thinks_by_default),
                    chat_format)[:2]
 
 
-def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bool,
+def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bool | None,
             chat_format: str = "minimind-3") -> tuple[str, list[tuple[int, int]], set[int]]:
     """render_with_spans, plus where the template itself wrote `<|im_start|>` and `<|im_end|>`: any other
     special token in the text came from a message (or a tool) and is to be encoded as plain text."""
     messages, tools = normalize(messages, tools)
-    check_format(chat_format, thinking, tools)
+    check_format(chat_format, bool(thinking), tools)
     think_tags = chat_format == "minimind-3"
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
@@ -418,7 +424,7 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
                 emit("\n")
 
     if add_generation_prompt:
-        opened = "" if not think_tags else f"{THINK_OPEN}\n" if thinking else EMPTY_THINK
+        opened = "" if not think_tags or thinking is None else f"{THINK_OPEN}\n" if thinking else EMPTY_THINK
         tag(IM_START)
         emit(f"assistant\n{opened}")
     return "".join(parts), spans, marks
@@ -426,9 +432,11 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
 
 def render(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
            enable_thinking: bool | None = None, open_thinking: bool | None = None,
-           chat_format: str = "minimind-3") -> str:
-    """The conversation as the model sees it (the same text `CHAT_TEMPLATES[chat_format]` produces)."""
-    return render_with_spans(messages, tools, add_generation_prompt, enable_thinking, open_thinking, chat_format)[0]
+           chat_format: str = "minimind-3", thinks_by_default: bool = False) -> str:
+    """The conversation as the model sees it (the same text `CHAT_TEMPLATES[chat_format]` produces, switched by
+    with_thinking_default when thinks_by_default)."""
+    return render_with_spans(messages, tools, add_generation_prompt, enable_thinking, open_thinking, chat_format,
+                             thinks_by_default)[0]
 
 
 def _ids_and_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -476,15 +484,17 @@ def _encode_as_text(tokenizer: Any, text: str, marks: set[int]) -> tuple[list[in
 
 
 def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation_prompt: bool = False,
-                enable_thinking: bool = False, newline_loss: bool = False) -> tuple[list[int], list[int]]:
+                enable_thinking: bool | None = None, newline_loss: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation, in the tokenizer's chat format, and a 0/1 loss mask of the same
-    length (no bos/eos added). ValueError for what that format cannot express (check_format).
+    length (no bos/eos added). ValueError for what that format cannot express (check_format). enable_thinking:
+    as thinking_on, with the tokenizer's chat template giving the default (thinks_by_default).
 
     The text is tokenized once (special tokens inside messages as plain text); a token carries loss iff its
     character range lies inside an assistant span, so the mask is right whatever BPE merges across boundaries.
     newline_loss: the `\\n` after each assistant `<|im_end|>` carries loss too, as in MiniMind's SFT and DPO
     datasets (off by default, as in transformers and TRL: that token is the template's, not the model's)."""
-    text, spans, marks = _render(messages, tools, add_generation_prompt, bool(enable_thinking),
+    text, spans, marks = _render(messages, tools, add_generation_prompt,
+                                 thinking_on(enable_thinking, None, thinks_by_default(tokenizer)),
                                  chat_format(tokenizer))
     if newline_loss:  # the template writes a newline right after every assistant turn's <|im_end|>
         spans = [(start, end + 1) for start, end in spans]
@@ -525,7 +535,8 @@ class AssistantParser:
     """THE parser of an assistant turn's text, fed piece by piece as it streams (or whole: `parse_assistant`).
 
     `feed` and `finish` return OpenAI-style deltas: {"reasoning_content": ...} until the first `</think>` when the
-    turn is thinking (the prompt opened `<think>`; a `<think>` the model writes first is dropped), then
+    turn is thinking (the prompt opened `<think>`; a `<think>` the model writes first is dropped; thinking None:
+    the prompt left it to the model, and the turn is thinking if it starts with `<think>`), then
     {"content": ...}, and {"tool_calls": [call]} for each `<tool_call>{json}</tool_call>` block whose JSON parses
     (a block that does not parse, or never closes, stays text: model output is data, never code). Text that may
     still become a tag is held back until decided; whitespace around reasoning and content is trimmed as the
@@ -533,8 +544,10 @@ class AssistantParser:
     `call_id` (a function making ids), each call carries an OpenAI `index` and `id`, as the API sends them.
     Work is linear in the text, however it is split and however many tags never close."""
 
-    def __init__(self, thinking: bool, parse_tools: bool = True, call_id: Callable[[], str] | None = None) -> None:
-        self.mode = "reasoning_content" if thinking else "content"
+    def __init__(self, thinking: bool | None, parse_tools: bool = True,
+                 call_id: Callable[[], str] | None = None) -> None:
+        self.mode = "reasoning_content" if thinking is not False else "content"
+        self.decided = thinking is not None
         self.parse_tools, self.call_id = parse_tools, call_id
         self.buf = ""  # text not classified yet
         # While buf is an open <tool_call> block, new pieces wait here and only they are searched for its end:
@@ -587,9 +600,12 @@ class AssistantParser:
         if self.mode == "reasoning_content" and not self.started["reasoning_content"]:
             head = self.buf.lstrip()
             if head.startswith(THINK_OPEN):  # the model opened thinking itself
-                self.buf = head[len(THINK_OPEN):]
-            elif THINK_OPEN.startswith(head) and head and not final:
+                self.buf, self.decided = head[len(THINK_OPEN):], True
+            elif THINK_OPEN.startswith(head) and not final:
                 return out  # may still become <think>
+            elif not self.decided:  # left to the model, which did not think
+                self.mode = "content"
+            self.decided = True
         buf, pos = self.buf, 0  # a cursor, not slicing: many blocks in one text must not copy it each time
         while pos < len(buf):
             tag = THINK_CLOSE if self.mode == "reasoning_content" else CALL_OPEN if self.parse_tools else None

@@ -161,26 +161,45 @@ def test_thinking_off_by_default_and_false_stays_off():
     assert render(messages, add_generation_prompt=True, enable_thinking=False, open_thinking=False) == off
 
 
-def test_a_model_that_thinks_by_default_opens_think_unless_a_request_says_otherwise(tok):
-    """The default lives in the template, so transformers' apply_chat_template follows it as our surfaces do;
+def test_a_model_that_thinks_by_default_writes_its_own_think_block_unless_a_request_says_otherwise(tok):
+    """The default lives in the template, so transformers' apply_chat_template follows it as our renderer does:
+    the prompt stops at the assistant header and the model opens its think block itself (empty or not);
     enable_thinking, then open_thinking, still decide when a request gives them."""
     messages = [u("hi")]
+    header = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     thinking = render(messages, add_generation_prompt=True, enable_thinking=True)
     off = render(messages, add_generation_prompt=True, enable_thinking=False)
-    assert thinking.endswith("<|im_start|>assistant\n<think>\n") and off != thinking
+    assert (thinking, off) == (header + "<think>\n", header + EMPTY)
     assert not thinks_by_default(tok)
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == off
     tok.chat_template = with_thinking_default(CHAT_TEMPLATE, True)
     try:
         assert thinks_by_default(tok) and tok.chat_template != CHAT_TEMPLATE
-        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == thinking
-        for kwargs, expected in (({"enable_thinking": False}, off), ({"open_thinking": False}, off),
+        for kwargs, expected in (({}, header), ({"enable_thinking": False}, off), ({"open_thinking": False}, off),
                                  ({"enable_thinking": True, "open_thinking": False}, thinking)):
             assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs) == expected
+            assert render(messages, add_generation_prompt=True, thinks_by_default=True, **kwargs) == expected
+        ids, _ = encode_chat(tok, messages, add_generation_prompt=True)
+        assert tok.decode(ids) == header
         assert with_thinking_default(tok.chat_template, False) == CHAT_TEMPLATE
     finally:
         tok.chat_template = CHAT_TEMPLATE
-    assert [thinking_on(None, None, d) for d in (False, True)] == [False, True]
+    assert [thinking_on(None, None, d) for d in (False, True)] == [False, None]
     assert thinking_on(False, True, True) is False and thinking_on(None, False, True) is False
+
+
+@pytest.mark.parametrize("text,reasoning,content", [
+    ("<think>\n23 + 45\n</think>\n\nThe answer is 68.<|im_end|>", "23 + 45", "The answer is 68."),
+    ("<think>\n\n</think>\n\nI am MiniMind.<|im_end|>", "", "I am MiniMind."),
+    ("I am MiniMind.<|im_end|>", "", "I am MiniMind."),  # a model that opens no think block at all
+])
+def test_a_turn_left_to_the_model_is_thinking_iff_it_opens_think(text, reasoning, content):
+    for size in (1, 3, len(text)):  # streamed in pieces, <think> split across them
+        parser = AssistantParser(None)
+        for i in range(0, len(text.split("<|im_end|>")[0]), size):
+            parser.feed(text.split("<|im_end|>")[0][i:i + size])
+        parser.finish()
+        assert (parser.message["reasoning_content"], parser.message["content"]) == (reasoning, content)
 
 
 def test_spans_cover_assistant_turns_only():

@@ -49,13 +49,12 @@ def test_the_sft_stage_writes_the_default_it_was_taught(thinking_model, sft_mode
     assert not thinks_by_default(load_tokenizer(off))
 
 
-def test_chat_and_generate_think_by_default_and_no_think_turns_it_off(thinking_model):
+def test_chat_and_generate_think_by_default(thinking_model):
     greedy = ("--model", str(thinking_model), "--max-new-tokens", "60", "--temperature", "0")
     out = run("chat", *greedy, stdin=QUESTION + "\n").stdout
     assert STEPS in out and ANSWER in out.split(STEPS, 1)[1]
     out = run("generate", *greedy, "--prompt", QUESTION).stdout
     assert STEPS in out and ANSWER in out
-    assert STEPS not in run("generate", *greedy, "--no-think", "--prompt", QUESTION).stdout
 
 
 def test_the_api_and_the_page_follow_the_model_s_default(thinking_model):

@@ -42,7 +42,7 @@ MAX_TOOL_ROUNDS = 5  # tool calls answered per user message before the chat give
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from minimind.chat import AssistantParser, encode_chat
+    from minimind.chat import AssistantParser, encode_chat, thinking_on, thinks_by_default
     from minimind.generation import Completion, stream
     from minimind.tools import ToolLoop, tool_schemas
 
@@ -71,7 +71,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             turn[:] = turn[2:]
             ids, _ = encode_chat(tokenizer, system + turn, tools=tools, add_generation_prompt=True,
                                  enable_thinking=args.think)
-        result, parser = Completion(), AssistantParser(args.think, parse_tools=bool(tools))
+        thinking = thinking_on(args.think, None, thinks_by_default(tokenizer))
+        result, parser = Completion(), AssistantParser(thinking, parse_tools=bool(tools))
         shown = ""  # which part is on the screen: reasoning (dimmed) or content
 
         def show(deltas: list[dict]) -> None:

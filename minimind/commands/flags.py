@@ -57,14 +57,10 @@ def load_model_from(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def check_chat(args: argparse.Namespace, tokenizer: Any, tools: Any = None) -> None:
-    """Before any work: settle --think (unset: the model's own default, thinks_by_default), and a clear error
-    when it or tools ask for what the model's chat format has no tokens for (a minimind2-era tokenizer has no
-    think or tool tags)."""
+    """Before any work: a clear error when --think or tools ask for what the model's chat format has no tokens
+    for (a minimind2-era tokenizer has no think or tool tags)."""
     from minimind import MiniMindError
-    from minimind.chat import chat_format, check_format, thinks_by_default
-
-    if getattr(args, "think", None) is None:
-        args.think = thinks_by_default(tokenizer)
+    from minimind.chat import chat_format, check_format
 
     try:
         check_format(chat_format(tokenizer), bool(getattr(args, "think", False)), tools)

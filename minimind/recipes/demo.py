@@ -153,15 +153,14 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False, seed: int
         f"of {tools['n']} |")
     stage_time("evaluation", t0)
 
-    # As `minimind chat`, `webui` and `serve` ask it: thinking as the model's chat template says (SFT switched
-    # it on, most of its conversations think).
-    think = thinks_by_default(tokenizer)
-    say(f"\n## 6. Sample chats (greedy; thinking {'on' if think else 'off'}, the model's default)")
+    # Asked as `minimind chat`, `webui` and `serve` ask it, with the model's default: SFT found most of its
+    # conversations thinking, so its template leaves the think block to the model (empty for a greeting).
+    default = "the model writes its own think block" if thinks_by_default(tokenizer) else "off"
+    say(f"\n## 6. Sample chats (greedy; thinking as the model's default: {default})")
     for question in CHATS:
-        ids, _ = encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True,
-                             enable_thinking=think)
+        ids, _ = encode_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
         text = generate(model, tokenizer, [ids], SamplingParams(max_new_tokens=120, temperature=0))[0].text
-        reply = parse_assistant(("<think>\n" if think else "") + text)
+        reply = parse_assistant(text)
         say(f"\n**user:** {question}")
         if reply["reasoning_content"]:
             say(f"> thinking: {reply['reasoning_content']!r}")

@@ -363,12 +363,12 @@ async def chat(request: Request):
     return EventStream(stream(), events)
 
 
-def _encode_messages(state, messages: list[dict], tools: list[dict] | None, thinking: bool) -> list[int]:
+def _encode_messages(state, messages: list[dict], tools: list[dict] | None, thinking: bool | None) -> list[int]:
     """The prompt's token ids (run off the event loop: a long prompt takes a while to tokenize). A text too
     long for the context by its length alone is refused before it is tokenized."""
     try:
         text = render(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking,
-                      chat_format=state.chat_format)
+                      chat_format=state.chat_format, thinks_by_default=state.thinks_by_default)
         if len(text) > state.max_prompt_chars:
             raise prompt_too_long(len(text), state.context, "messages")
         ids, _ = encode_chat(state.tokenizer, messages, tools=tools, add_generation_prompt=True,

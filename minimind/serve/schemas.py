@@ -144,8 +144,9 @@ async def parse_body(request: Request, schema: type[BaseModel]) -> Any:
         raise RequestValidationError(errors) from None
 
 
-def chat_options(req: ChatRequest, thinks_by_default: bool = False) -> tuple[bool, list[dict] | None]:
-    """(thinking on, the tools to offer or None) from a chat request's fields and MiniMind's aliases.
+def chat_options(req: ChatRequest, thinks_by_default: bool = False) -> tuple[bool | None, list[dict] | None]:
+    """(thinking: on, off or None for the model to decide, the tools to offer or None) from a chat request's
+    fields and MiniMind's aliases.
 
     Thinking follows chat.thinking_on: `enable_thinking` decides when the request gives it (in
     chat_template_kwargs, else at the top level), else `open_thinking` (MiniMind's name, in either place), else

@@ -84,7 +84,10 @@ def stream_reply(api: str, messages: list[dict], settings: dict) -> dict:
     think_box = st.expander("Thinking", expanded=True) if settings["thinking"] else None
     think_slot = think_box.empty() if think_box else None
     slot = st.empty()
-    extra = {"chat_template_kwargs": {"enable_thinking": settings["thinking"]}}
+    # The switch at the model's default sends nothing, so a model that thinks by default decides for itself
+    # (it writes an empty think block for a greeting); moved, it asks for thinking on or off.
+    asked = settings["thinking"] if settings["thinking"] != settings["thinks_by_default"] else None
+    extra = {"chat_template_kwargs": {"enable_thinking": asked}} if asked is not None else {}
     stream = client(api).chat.completions.create(
         model=settings["model"], messages=messages, stream=True, temperature=settings["temperature"],
         top_p=settings["top_p"], max_tokens=settings["max_tokens"], tools=settings["tools"] or None,
@@ -137,7 +140,8 @@ def main() -> None:
     st.title("MiniMind chat")
     messages = st.session_state.setdefault("messages", [])
     show_history(messages)
-    settings = {"model": card["id"], "thinking": thinking, "tools": tool_schemas(chosen) if chosen else None,
+    settings = {"model": card["id"], "thinking": thinking, "thinks_by_default": start["thinking"],
+                "tools": tool_schemas(chosen) if chosen else None,
                 "temperature": temperature, "top_p": top_p, "max_tokens": int(max_tokens)}
     prompt = st.chat_input("Say something")
     if not prompt:

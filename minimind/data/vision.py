@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from minimind import MiniMindError
 from minimind.chat import IMAGE, encode_chat
@@ -77,6 +77,8 @@ def load_image(src: Any, base_dir: str | Path | None = None, max_pixels: int = M
             raise MiniMindError(f"an image must be a path, bytes or base64 text, got {type(src).__name__}")
         try:
             image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise MiniMindError(f"{what}: not an image (no format PIL reads)") from None
         except Exception as e:  # PIL raises several types for a foreign or damaged file
             raise MiniMindError(f"{what}: not an image ({e})") from None
     if image.width * image.height > max_pixels:  # checked from the header, before decoding

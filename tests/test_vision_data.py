@@ -225,9 +225,23 @@ def test_image_rows_longer_than_seq_len_are_bad(tmp_path, tokenizer):
     assert report.rows == 3 and report.n_bad == 1
     assert re.fullmatch(rf"{re.escape(str(path))}:2: \d+ tokens with its 3 image\(s\) of 64 tokens each, "
                         r"over seq_len 150", str(report.bad[0]))
-    ds = VisionDataset(path, tokenizer, seq_len=150)
-    assert len(ds[2][0]) == 150  # a text-only row is cut, as SFT cuts it
-    with pytest.raises(MiniMindError, match=f"{re.escape(str(path))}:2: .* over seq_len 150"):
+    # The dataset finds it when opened, from the text alone; with skip_bad it leaves the row out.
+    with pytest.raises(MiniMindError, match=f"^{re.escape(str(path))}:2: .* over seq_len 150"):
+        VisionDataset(path, tokenizer, seq_len=150)
+    ds = VisionDataset(path, tokenizer, seq_len=150, skip_bad=True)
+    assert len(ds) == 3 and ds.stats.skipped_bad == 1 and ds.stats.truncated == 1
+    assert len(ds[1][0]) == 150 and ds.lengths().tolist() == [len(ds[i][0]) for i in range(3)]
+    assert ds.loss_tokens_per_row().tolist() == [int(ds[i][1].sum()) for i in range(3)]
+    assert ds.loss_tokens_per_row()[1] == 0 and ds.stats.no_loss_rows == 1  # the cut row lost its answer
+    assert ds.stats.tokens == sum(ds.lengths())
+
+
+def test_dataset_names_the_row_of_an_image_that_does_not_decode(tmp_path, tokenizer):
+    path = raw_parquet(tmp_path / "broken.parquet", [json.dumps(chat("<image>?"))] * 2,
+                       [encoded(solid("red")), b"\xff\xd8\xff not a jpeg"])
+    ds = VisionDataset(path, tokenizer, seq_len=256)  # opening reads no image
+    assert ds[0][2].shape == (1, 3, 256, 256)
+    with pytest.raises(MiniMindError, match=f"^{re.escape(str(path))}:2: image_bytes: image bytes: not an image"):
         ds[1]
 
 

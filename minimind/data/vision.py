@@ -27,9 +27,9 @@ from minimind.data.formats import (
     decode_line,
     json_type,
     parse_row,
-    read_lines,
     token_stats,
 )
+from minimind.data.pack_workers import PackStats
 
 IMAGE_TOKENS = 64  # <|image_pad|> per image: SigLIP2 p32 at 256x256 gives 8x8 patch features
 IMAGE_PAD_ID = 12  # <|image_pad|> in MiniMind's tokenizer and ours (tokenizer.SPECIAL_TOKENS)
@@ -188,11 +188,13 @@ def _image_list(value: Any, field: str) -> list[tuple[str, Any]]:
 
 
 def parse_vision_row(conversations: Any, images: Any, field: str = "images", tools: Any = None,
-                     base_dir: str | Path | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
+                     base_dir: str | Path | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                     decode: bool = True) -> dict:
     """One row's {"messages", "tools", "images" (RGB PIL images, in order of appearance)} or ValueError naming
     the field: conversations (a list, or MiniMind-V's JSON string) as for SFT; one image per `<image>` in the
     user turns; every image decodable. A row with no placeholder and one image of at most 8x8 pixels is
-    MiniMind-V's text-only row: its stand-in image is dropped."""
+    MiniMind-V's text-only row: its stand-in image is dropped. decode=False: the counts alone are checked (a
+    lone image beside no placeholder taken for the stand-in) and "images" holds the sources, undecoded."""
     if isinstance(conversations, str):
         try:
             conversations = json.loads(conversations)
@@ -200,20 +202,22 @@ def parse_vision_row(conversations: Any, images: Any, field: str = "images", too
             raise ValueError(f"'conversations' is a string but not valid JSON ({e.msg} at char {e.pos})") from None
     row = parse_row({"conversations": conversations, **({"tools": tools} if tools is not None else {})}, "sft")
     wanted, sources = placeholders(row["messages"]), _image_list(images, field)
-    decoded = []
-    for name, src in sources:
-        if isinstance(src, str) and not src:
-            raise ValueError(f"{name}: empty")
-        try:
-            decoded.append(load_image(src, base_dir, max_pixels))
-        except MiniMindError as e:
-            raise ValueError(f"{name}: {e}") from None
-    if wanted == 0 and len(decoded) == 1 and max(decoded[0].size) <= PLACEHOLDER_SIDE:
-        decoded = []
-    if wanted != len(decoded):
+    found = [src for _, src in sources]
+    if decode:
+        found = []
+        for name, src in sources:
+            try:
+                if isinstance(src, str) and not src:
+                    raise MiniMindError("empty")
+                found.append(load_image(src, base_dir, max_pixels))
+            except MiniMindError as e:
+                raise ValueError(f"{name}: {e}") from None
+    if wanted == 0 and len(found) == 1 and (not decode or max(found[0].size) <= PLACEHOLDER_SIDE):
+        found = []
+    if wanted != len(found):
         raise ValueError(f"{wanted} {IMAGE} placeholder{'s' * (wanted != 1)} in the user turns but "
-                         f"{len(decoded)} image{'s' * (len(decoded) != 1)} in '{field}'")
-    return {**row, "images": decoded}
+                         f"{len(found)} image{'s' * (len(found) != 1)} in '{field}'")
+    return {**row, "images": found}
 
 
 def _parquet_file(path: Path):
@@ -238,31 +242,57 @@ def is_parquet(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".parquet"
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(number, raw row or the ValueError reading it raised) for each row: Parquet rows as dicts of its columns,
-    numbered from 1; JSONL rows decoded, numbered by line."""
+def _row_group(pf, g: int, images: bool = True) -> list[dict]:
+    """Row group g as dicts. images=False: each row's image_bytes is [None] * its image count, from the
+    column's lengths, so a scan of the text never makes Python objects of the images."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = pf.read_row_group(g, columns=list(COLUMNS))
+    if images:
+        return table.to_pylist()
+    column = table.column("image_bytes")
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        counts = pc.fill_null(pc.list_value_length(column), 0)
+    else:
+        counts = pc.cast(pc.is_valid(column), pa.int32())
+    return [{"conversations": c, "image_bytes": [None] * k}
+            for c, k in zip(table.column("conversations").to_pylist(), counts.to_pylist())]
+
+
+def _raw_rows(path: Path, images: bool = True) -> Iterator[tuple[int, int, Any]]:
+    """(number, position, raw row or the ValueError reading it raised) for each row: Parquet rows as dicts of
+    its columns, numbered from 1, position the 0-based row; JSONL rows decoded, numbered by line, position the
+    line's byte offset (only \\n ends a line, as for formats.read_lines)."""
     if is_parquet(path):
         pf = _parquet_file(path)
         n = 0
         for g in range(pf.num_row_groups):
-            for row in pf.read_row_group(g, columns=list(COLUMNS)).to_pylist():
+            for row in _row_group(pf, g, images):
                 n += 1
-                yield n, row
+                yield n, n - 1, row
         return
-    for line, raw in read_lines(path):
-        try:
-            yield line, decode_line(raw)
-        except ValueError as e:
-            yield line, e
+    pos = 0
+    with path.open("rb") as fh:
+        for line, raw in enumerate(fh, 1):
+            start, pos = pos, pos + len(raw)
+            if line == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark some editors write
+            if raw.strip():
+                try:
+                    yield line, start, decode_line(raw)
+                except ValueError as e:
+                    yield line, start, e
 
 
-def _parse_raw(raw: Any, path: Path, max_pixels: int) -> dict:
+def _parse_raw(raw: Any, path: Path, decode: bool = True, max_pixels: int = MAX_IMAGE_PIXELS) -> dict:
     if isinstance(raw, ValueError):
         raise raw
     if not isinstance(raw, dict):
         raise ValueError(f"row is a {json_type(raw)}, not a JSON object")
-    if "image_bytes" in raw and is_parquet(path):
-        return parse_vision_row(raw["conversations"], raw["image_bytes"], "image_bytes", max_pixels=max_pixels)
+    if is_parquet(path):
+        return parse_vision_row(raw["conversations"], raw["image_bytes"], "image_bytes", max_pixels=max_pixels,
+                                decode=decode)
     images = raw.get("images")
     if images is not None and not isinstance(images, (str, list)):
         raise ValueError(f"'images' must be a path or base64 string or an array of them, got {json_type(images)}")
@@ -271,7 +301,7 @@ def _parse_raw(raw: Any, path: Path, max_pixels: int) -> dict:
     messages = raw.get("conversations", raw.get("messages"))
     if messages is None:
         raise ValueError("missing field 'conversations' (or 'messages')")
-    return parse_vision_row(messages, images, "images", raw.get("tools"), path.parent, max_pixels)
+    return parse_vision_row(messages, images, "images", raw.get("tools"), path.parent, max_pixels, decode)
 
 
 def iter_vision(path: str | Path, bad: list[BadLine] | None = None,
@@ -283,9 +313,9 @@ def iter_vision(path: str | Path, bad: list[BadLine] | None = None,
     path = Path(path)
     if not path.is_file():
         raise MiniMindError(f"{path}: no such file")
-    for n, raw in _raw_rows(path):
+    for n, _, raw in _raw_rows(path):
         try:
-            yield n, _parse_raw(raw, path, max_pixels)
+            yield n, _parse_raw(raw, path, max_pixels=max_pixels)
         except ValueError as e:
             problem = BadLine(str(path), n, str(e))
             if bad is None:
@@ -295,15 +325,13 @@ def iter_vision(path: str | Path, bad: list[BadLine] | None = None,
 
 def encode_vision(tokenizer: Any, row: dict, seq_len: int | None = None, image_tokens: int = IMAGE_TOKENS,
                   newline_loss: bool = False) -> tuple[list[int], list[int]]:
-    """Ids and loss mask of a parsed row, each `<image>` as `image_tokens` pads. ValueError if a row with images
-    is longer than seq_len (cutting it could cut an image); a text-only row is cut to seq_len, as for SFT."""
+    """Ids and loss mask of a parsed row, each `<image>` as `image_tokens` pads, whole. ValueError if a row with
+    images is longer than seq_len: cutting it could cut an image (a text-only row is the caller's to cut)."""
     ids, mask = encode_chat(tokenizer, row["messages"], row.get("tools"), newline_loss=newline_loss,
                             image_tokens=image_tokens)
-    if seq_len is not None and len(ids) > seq_len:
-        if row["images"]:
-            raise ValueError(f"{len(ids)} tokens with its {len(row['images'])} image(s) of {image_tokens} tokens "
-                             f"each, over seq_len {seq_len}")
-        ids, mask = ids[:seq_len], mask[:seq_len]
+    if seq_len is not None and len(ids) > seq_len and row["images"]:
+        raise ValueError(f"{len(ids)} tokens with its {len(row['images'])} image(s) of {image_tokens} tokens "
+                         f"each, over seq_len {seq_len}")
     return ids, mask
 
 
@@ -329,65 +357,85 @@ def check_vision(path: str | Path, tokenizer: Any = None, seq_len: int | None = 
 
 
 class VisionDataset:
-    """Rows of one Parquet or JSONL file, read and encoded on demand: item i is (ids int64 [T], loss mask uint8
-    [T], pixel_values float32 [n_images, 3, H, W]); collate_vision batches them. A bad row raises
-    MiniMindError naming file and row when it is read (check_vision finds them all beforehand).
-    `image_spec` is preprocess's keyword arguments (processor_spec of the encoder, or size/mean/std)."""
+    """The rows of one Parquet or JSONL file for training: item i is (ids int64 [T], loss mask uint8 [T],
+    pixel_values float32 [n_images, 3, H, W]); collate_vision batches them.
+
+    Opening it reads the text of every row (not the images): a bad conversation, a placeholder count unlike the
+    image count or an image row over seq_len raises MiniMindError naming file and row (with skip_bad, the row
+    is left out and counted). Items are read, decoded and encoded on demand; an image that does not decode
+    raises then (check_vision decodes them all beforehand). Text-only rows over seq_len are cut, as for SFT.
+    `.stats` (PackStats), `.lengths()` and `.loss_tokens_per_row()` serve the training loop.
+    `image_spec`: preprocess's keyword arguments (processor_spec of the encoder, or size/mean/std)."""
 
     def __init__(self, path: str | Path, tokenizer: Any, seq_len: int, image_spec: dict | None = None,
-                 image_tokens: int = IMAGE_TOKENS, newline_loss: bool = False) -> None:
+                 image_tokens: int = IMAGE_TOKENS, newline_loss: bool = False, skip_bad: bool = False) -> None:
         self.path, self.tokenizer, self.seq_len = Path(path), tokenizer, seq_len
         self.image_spec, self.image_tokens, self.newline_loss = image_spec or {}, image_tokens, newline_loss
         if not self.path.is_file():
             raise MiniMindError(f"{self.path}: no such file")
-        self._group: tuple[int, list[dict]] | None = None  # the row group read last: neighbours come together
+        self.stats = PackStats()
+        numbers, positions, lengths, loss = [], [], [], []
+        for n, position, raw in _raw_rows(self.path, images=False):
+            try:
+                ids, mask = encode_vision(tokenizer, _parse_raw(raw, self.path, decode=False), seq_len,
+                                          image_tokens, newline_loss)
+            except ValueError as e:
+                if not skip_bad:
+                    raise MiniMindError(f"{self.path}:{n}: {e}") from None
+                self.stats.skipped_bad += 1
+                continue
+            numbers.append(n)
+            positions.append(position)
+            lengths.append(min(len(ids), seq_len))
+            loss.append(sum(mask[:seq_len]))
+            self.stats.longest = max(self.stats.longest, len(ids))
+            self.stats.truncated += len(ids) > seq_len
+            self.stats.dropped_tokens += max(0, len(ids) - seq_len)
+        self.numbers, self.positions = np.asarray(numbers, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+        self._lengths, self._loss = np.asarray(lengths, dtype=np.int64), np.asarray(loss, dtype=np.int64)
+        self.stats.documents = self.stats.rows = len(numbers)
+        self.stats.tokens, self.stats.loss_tokens = int(self._lengths.sum()), int(self._loss.sum())
+        self.stats.no_loss_rows = int((self._loss == 0).sum())
+        self.stats.source_bytes = self.path.stat().st_size
         if is_parquet(self.path):
-            counts = [rg.num_rows for rg in _row_groups(_parquet_file(self.path))]
-            self.starts = np.cumsum([0, *counts])
-        else:  # byte offset and line number of each non-blank line, so a row is one seek away
-            offsets, lines, pos = [], [], 0
-            with self.path.open("rb") as fh:
-                for lineno, raw in enumerate(fh, 1):
-                    if raw.strip():
-                        offsets.append(pos)
-                        lines.append(lineno)
-                    pos += len(raw)
-            self.offsets, self.lines = np.asarray(offsets, dtype=np.int64), np.asarray(lines, dtype=np.int64)
+            meta = _parquet_file(self.path).metadata
+            self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self._group: tuple[int, list[dict]] | None = None  # the row group read last: neighbours come together
 
     def __len__(self) -> int:
-        return int(self.starts[-1]) if is_parquet(self.path) else len(self.offsets)
+        return len(self.numbers)
 
-    def _raw(self, i: int) -> tuple[str, Any]:
+    def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    def loss_tokens_per_row(self) -> np.ndarray:
+        return self._loss
+
+    def _raw(self, i: int) -> Any:
+        position = int(self.positions[i])
         if is_parquet(self.path):
-            g = int(np.searchsorted(self.starts, i, side="right")) - 1
+            g = int(np.searchsorted(self.group_starts, position, side="right")) - 1
             if self._group is None or self._group[0] != g:
-                pf = _parquet_file(self.path)
-                self._group = g, pf.read_row_group(g, columns=list(COLUMNS)).to_pylist()
-            return f"{self.path}:{i + 1}", self._group[1][i - int(self.starts[g])]
+                self._group = g, _row_group(_parquet_file(self.path), g)
+            return self._group[1][position - int(self.group_starts[g])]
         with self.path.open("rb") as fh:
-            fh.seek(int(self.offsets[i]))
+            fh.seek(position)
             raw = fh.readline()
-        where = f"{self.path}:{int(self.lines[i])}"
         try:
-            return where, decode_line(raw.removeprefix(b"\xef\xbb\xbf") if i == 0 else raw)
+            return decode_line(raw.removeprefix(b"\xef\xbb\xbf") if position == 0 else raw)
         except ValueError as e:
-            return where, e
+            return e
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        where, raw = self._raw(i)
         try:
-            row = _parse_raw(raw, self.path, MAX_IMAGE_PIXELS)
+            row = _parse_raw(self._raw(i), self.path)
             ids, mask = encode_vision(self.tokenizer, row, self.seq_len, self.image_tokens, self.newline_loss)
         except ValueError as e:
-            raise MiniMindError(f"{where}: {e}") from None
-        return (np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8),
+            raise MiniMindError(f"{self.path}:{int(self.numbers[i])}: {e}") from None
+        return (np.asarray(ids[:self.seq_len], dtype=np.int64), np.asarray(mask[:self.seq_len], dtype=np.uint8),
                 preprocess(row["images"], **self.image_spec))
-
-
-def _row_groups(pf) -> list:
-    return [pf.metadata.row_group(g) for g in range(pf.num_row_groups)]
 
 
 def collate_vision(rows: Sequence[tuple[np.ndarray, np.ndarray, torch.Tensor]],

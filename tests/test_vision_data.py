@@ -73,6 +73,14 @@ def test_each_placeholder_becomes_64_pads_and_no_loss(tokenizer):
     assert sum(mask) == sum(plain_mask) > 0
 
 
+def test_image_pad_id_is_12_and_required(tokenizer):
+    from tokenizers import Tokenizer, models
+
+    assert vision.image_pad_id(tokenizer) == IMAGE_PAD_ID == 12
+    with pytest.raises(MiniMindError, match="the tokenizer has no <\\|image_pad\\|> token"):
+        vision.image_pad_id(Tokenizer(models.BPE()))
+
+
 def test_only_a_user_placeholder_makes_pads(tokenizer):
     messages = [{"role": "system", "content": "<image> is a word here"},
                 {"role": "user", "content": "<image> and a typed <|image_pad|>"},

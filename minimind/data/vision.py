@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from minimind import MiniMindError
-from minimind.chat import IMAGE, encode_chat
+from minimind.chat import IMAGE, IMAGE_PAD, encode_chat
 from minimind.data.formats import (
     BadLine,
     CheckReport,
@@ -155,13 +155,10 @@ def processor_spec(path: str | Path) -> dict:
     }
     if isinstance(size, dict) and "height" in size and "width" in size:
         spec["size"] = (size["height"], size["width"])
-    elif isinstance(size, dict) and "shortest_edge" in size or isinstance(size, int):
-        edge = size if isinstance(size, int) else size["shortest_edge"]
-        if config.get("do_center_crop", True) and crop is not None:
-            spec["size"] = (crop["height"], crop["width"]) if isinstance(crop, dict) else _size(crop)
-        else:
-            spec["size"] = edge
-        spec["shortest_edge"] = edge
+    elif (isinstance(size, dict) and "shortest_edge" in size or isinstance(size, int)) and crop is not None \
+            and config.get("do_center_crop", True):  # without the crop the size would vary: no fixed input
+        spec["size"] = (crop["height"], crop["width"]) if isinstance(crop, dict) else _size(crop)
+        spec["shortest_edge"] = size if isinstance(size, int) else size["shortest_edge"]
     else:
         raise MiniMindError(f"{file}: unsupported 'size' {json.dumps(size)} ({config.get('image_processor_type')}); "
                             "expected {height, width} (SigLIP) or {shortest_edge} with crop_size (CLIP)")
@@ -171,6 +168,17 @@ def processor_spec(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- rows
+
+
+def image_pad_id(tokenizer: Any) -> int:
+    """The id `<|image_pad|>` has in this tokenizer (12 in MiniMind's and ours); MiniMindError if it is not one
+    token there, as then no image could be placed."""
+    ids = tokenizer.encode(IMAGE_PAD, add_special_tokens=False)
+    ids = getattr(ids, "ids", ids)  # a raw tokenizers.Tokenizer gives an Encoding
+    if len(ids) != 1:
+        raise MiniMindError(f"the tokenizer has no {IMAGE_PAD} token (MiniMind's has it at id {IMAGE_PAD_ID}), "
+                            "so it cannot take images")
+    return ids[0]
 
 
 def placeholders(messages: list[dict]) -> int:
@@ -339,6 +347,8 @@ def check_vision(path: str | Path, tokenizer: Any = None, seq_len: int | None = 
                  image_tokens: int = IMAGE_TOKENS, max_problems: int = 50) -> CheckReport:
     """Validate every row (images decoded; with a tokenizer, also its length against seq_len and token
     statistics): formats.check_file's report, of kind "vision"; format_report prints it."""
+    if tokenizer is not None:
+        image_pad_id(tokenizer)
     bad = _CappedList(max_problems)
     report, lengths = CheckReport(str(path), "vision"), []
     for n, row in iter_vision(path, bad):
@@ -373,6 +383,7 @@ class VisionDataset:
         self.image_spec, self.image_tokens, self.newline_loss = image_spec or {}, image_tokens, newline_loss
         if not self.path.is_file():
             raise MiniMindError(f"{self.path}: no such file")
+        self.image_token_id = image_pad_id(tokenizer)  # for the model: where the features go
         self.stats = PackStats()
         numbers, positions, lengths, loss = [], [], [], []
         for n, position, raw in _raw_rows(self.path, images=False):

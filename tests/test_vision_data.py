@@ -136,6 +136,8 @@ def test_load_image_from_every_source(tmp_path):
     assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (10, 20, 30)
     with pytest.raises(MiniMindError, match="missing.png: no such file"):
         load_image("missing.png", base_dir=tmp_path)
+    with pytest.raises(MiniMindError, match="https://x.org/a.png: a remote URL"):
+        load_image("https://x.org/a.png")
     with pytest.raises(MiniMindError, match="data URL: not valid base64"):
         load_image("data:image/png;base64,@@@")
     with pytest.raises(MiniMindError, match="image bytes: not an image"):
@@ -355,6 +357,10 @@ def test_cli_writes_builtin_sets_the_reader_and_check_accept(tmp_path, tokenizer
     rows = list(iter_vision(out / "vision_pretrain.parquet"))
     assert len(rows) == 7 and all(r["images"][0].size == (32, 32) for _, r in rows)
     tokenizer.save_pretrained(tmp_path / "tok")
-    assert cli.main(["data", "check", "--vision", str(out / "vision_sft.parquet"), "--tokenizer",
-                     str(tmp_path / "tok"), "--seq-len", "512"]) == 0
+    assert cli.main(["data", "check", str(out / "vision_sft.parquet"), "--tokenizer", str(tmp_path / "tok"),
+                     "--seq-len", "512"]) == 0
     assert "vision, 21 valid rows, 0 bad lines" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as failed:  # a bad row: listed, and exit status 1
+        cli.main(["data", "check", str(out / "vision_sft.parquet"), "--tokenizer", str(tmp_path / "tok"),
+                  "--seq-len", "64"])
+    assert failed.value.code == 1 and "vision_sft.parquet:1: " in capsys.readouterr().out

@@ -48,7 +48,7 @@ def cmd_check(args: argparse.Namespace) -> None:
         from minimind.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    if args.vision:
+    if args.vision or args.file.lower().endswith(".parquet"):  # the only Parquet rows `check` reads
         from minimind.data.vision import IMAGE_TOKENS, check_vision
 
         if args.seq_len and tokenizer is None:
@@ -139,8 +139,8 @@ def add_check_convert_parsers(data: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, default=None, help="data kind (default: detected from the first row)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory: also report tokens per row")
     p.add_argument("--max-problems", type=int, default=50, help="print at most this many bad lines (all are counted)")
-    p.add_argument("--vision", action="store_true", help="image rows: MiniMind-V's Parquet or JSONL with `images`; "
-                   "every image decoded, one per <image> placeholder")
+    p.add_argument("--vision", action="store_true", help="image rows: JSONL with `images` (a .parquet file is always "
+                   "read as MiniMind-V's image rows); every image decoded, one per <image> placeholder")
     p.add_argument("--seq-len", type=int, default=None, help="--vision with --tokenizer: an image row longer than "
                    "this (its <image>s as 64 tokens each) is bad")
     p.set_defaults(func=cmd_check)

@@ -90,6 +90,8 @@ def load_image(src: Any, base_dir: str | Path | None = None, max_pixels: int = M
 
 
 def _file_or_base64(text: str, base_dir: str | Path | None) -> tuple[bytes, str]:
+    if re.match(r"(?i)https?://", text):
+        raise MiniMindError(f"{text}: a remote URL (images come from files, bytes, base64 or data URLs only)")
     path = Path(base_dir or ".") / text
     try:
         if path.is_file():

@@ -315,34 +315,60 @@ def test_generator_is_deterministic_with_a_disjoint_heldout_split():
     assert {r["kind"] for r in captions} == {"caption"} and not {r["key"] for r in captions} & held_keys
 
 
+def named_objects(question: str, lang: str) -> list[tuple[str, str]]:
+    """The (shape, colour) pairs a question names, in the order it names them."""
+    names = {gen.Obj(shape, colour, 0, 0).name(lang): (shape, colour) for shape in gen.SHAPES for colour in gen.COLOURS}
+    found = [(question.find(n), n) for n in names if n in question]
+    return [names[n] for _, n in sorted(found)]
+
+
 def test_generated_answers_match_the_pixels_and_the_checker():
-    rows = gen.make_vision(140, seed=1, size=64)
-    checked = 0
+    size = 96
+    rows = gen.make_vision(280, seed=1, size=size)
+    checked = {}
     for r in rows:
-        reply = r["conversations"][1]["content"]
-        assert gen.is_correct(r, reply), (r["kind"], reply)
-        if r["kind"] in gen.OPTIONS:
-            wrong = next(o for o in gen.OPTIONS[r["kind"]][r["lang"]] if o != r["answer"])
-            assert not gen.is_correct(r, reply.replace(r["answer"], wrong).replace(r["answer"].capitalize(), wrong))
-        pixels = np.asarray(Image.open(io.BytesIO(r["images"][0])))
-        ink = pixels.reshape(-1, 3)[(pixels.reshape(-1, 3) != 255).any(1)]
-        colours, counts = np.unique(ink, axis=0, return_counts=True)
-        if r["kind"] == "colour":  # the one shape is drawn in the colour the answer names
-            name = next(k for k in gen.COLOURS if gen.NAMES[r["lang"]][k] == r["answer"])
+        kind, lang, answer = r["kind"], r["lang"], r["answer"]
+        reply, question = r["conversations"][1]["content"], r["conversations"][0]["content"]
+        assert gen.is_correct(r, reply), (kind, reply)
+        if kind in gen.OPTIONS:
+            wrong = next(o for o in gen.OPTIONS[kind][lang] if o != answer)
+            assert not gen.is_correct(r, reply.replace(answer, wrong).replace(answer.capitalize(), wrong))
+        pixels = np.asarray(Image.open(io.BytesIO(r["images"][0]))).astype(int)
+        ink = (pixels != 255).any(-1)
+        colours, counts = np.unique(pixels[ink], axis=0, return_counts=True)
+        first = gen.OPTIONS.get(kind, {}).get(lang, ("",))[0]
+        if kind == "colour":  # the one shape is drawn in the colour the answer names
+            name = next(k for k in gen.COLOURS if gen.NAMES[lang][k] == answer)
             assert tuple(colours[counts.argmax()]) == gen.COLOURS[name]
-            checked += 1
-        if r["kind"] == "chart":  # the bar whose column of bar-coloured pixels is tallest
-            bar = colours[counts.argmax()]
-            heights = (pixels == bar).all(-1).sum(0)
-            n_bars = len(ast.literal_eval(r["key"])[1])
-            slots = np.array_split(heights[int(0.08 * 64):64 - int(0.08 * 64)], n_bars)
-            assert "ABCDE"[int(np.argmax([s.max() for s in slots]))] == r["answer"]
-            checked += 1
-    assert checked >= 30
+        elif kind == "count":  # shapes keep to their cells: count the cells with ink near their centre
+            cell, near = size / gen.GRID, 0.12 * size / gen.GRID
+            centres = [((i + 0.5) * cell, (j + 0.5) * cell) for j in range(gen.GRID) for i in range(gen.GRID)]
+            found = sum(ink[int(y - near):int(y + near), int(x - near):int(x + near)].any() for x, y in centres)
+            assert str(found) == answer
+        elif kind in ("position", "size"):  # where and how much of each named shape's colour there is
+            (_, a), (_, b) = named_objects(question, lang)
+            if a == b:
+                continue
+            where = [np.argwhere((pixels == gen.COLOURS[c]).all(-1)) for c in (a, b)]
+            if kind == "position":
+                assert (where[0][:, 1].mean() < where[1][:, 1].mean()) == (answer == first)
+            else:
+                assert (len(where[0]) > 1.5 * len(where[1])) == (answer == first)
+                assert max(len(where[0]), len(where[1])) > 1.5 * min(len(where[0]), len(where[1]))
+        elif kind == "chart":  # the bar whose column of bar-coloured pixels is tallest
+            heights = (pixels == colours[counts.argmax()]).all(-1).sum(0)
+            margin = int(0.08 * size)
+            slots = np.array_split(heights[margin:size - margin], len(ast.literal_eval(r["key"])[1]))
+            assert "ABCDE"[int(np.argmax([s.max() for s in slots]))] == answer
+        else:
+            continue
+        checked[kind] = checked.get(kind, 0) + 1
+    assert set(checked) == {"colour", "count", "position", "size", "chart"} and min(checked.values()) >= 20
     assert gen.is_correct({"kind": "read", "lang": "en", "answer": "42"}, 'It says "42".')
     assert not gen.is_correct({"kind": "read", "lang": "en", "answer": "42"}, "It says 421.")
     assert gen.is_correct({"kind": "chart", "lang": "en", "answer": "C"}, "Bar C.")
     assert not gen.is_correct({"kind": "chart", "lang": "en", "answer": "B"}, "Bar C.")
+    assert not gen.is_correct({"kind": "size", "lang": "zh", "answer": "大"}, "小。")
 
 
 def test_cli_writes_builtin_sets_the_reader_and_check_accept(tmp_path, tokenizer, capsys):

@@ -7,6 +7,7 @@ training. `rows = make_vision(500, seed=0, size=64)`; `write_vision_builtin("dat
 from __future__ import annotations
 
 import io
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -25,8 +26,11 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20),
            "purple": (140, 60, 180), "orange": (245, 130, 30)}
 GRID = 3  # objects sit in a 3x3 grid of cells, one per cell, so none overlap
-SIZES = (0.18, 0.27, 0.36)  # radius as a fraction of a cell: small, medium, big
-JITTER = 0.1  # an object's centre moves up to this fraction of a cell off the cell's centre
+# A shape's reach from its centre as a fraction of a cell: small, medium, big. Every shape of one size has the
+# same area (see _draw_object), and each size has over 1.7 times the area of the one below, so "bigger" is
+# plain whatever the two shapes are. Reach plus jitter stays within half a cell: shapes never overlap.
+SIZES = (0.24, 0.32, 0.42)
+JITTER = 0.08  # an object's centre moves up to this fraction of a cell off the cell's centre
 MAX_COUNT = 5
 BARS = (3, 4, 5)  # bars per chart
 LEVELS = 8  # bar heights are 1..LEVELS
@@ -146,10 +150,12 @@ def _draw_object(draw: ImageDraw.ImageDraw, o: Obj, size: int) -> None:
     cy = (o.cell // GRID + 0.5 + o.dy * JITTER) * cell
     r = SIZES[o.size] * cell
     fill = COLOURS[o.colour]
+    # The triangle (base 2r, height 1.8r) has area 1.8 r^2; the circle and the square are scaled to match.
     if o.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        rc = r * math.sqrt(1.8 / math.pi)
+        draw.ellipse((cx - rc, cy - rc, cx + rc, cy + rc), fill=fill)
     elif o.shape == "square":
-        h = r * 0.9  # a square of the circle's radius looks bigger; this keeps sizes comparable
+        h = r * math.sqrt(1.8) / 2
         draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=fill)

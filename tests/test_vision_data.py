@@ -6,7 +6,13 @@ import base64
 import io
 import itertools
 import json
+import os
+import random
 import re
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -390,3 +396,73 @@ def test_cli_writes_builtin_sets_the_reader_and_check_accept(tmp_path, tokenizer
         cli.main(["data", "check", str(out / "vision_sft.parquet"), "--tokenizer", str(tmp_path / "tok"),
                   "--seq-len", "64"])
     assert failed.value.code == 1 and "vision_sft.parquet:1: " in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- upstream
+
+MINIMIND_V = Path(os.environ.get("MINIMIND_V_REPO", "/work/.mirror/jingyaogong+minimind-v/repo"))
+MINIMIND_V_COMMIT = "9595617"  # the MiniMind-V commit this comparison was written against
+
+
+@pytest.mark.upstream
+def test_minimind_v_dataset_code_reads_our_parquet_as_we_do(tmp_path, monkeypatch):
+    """MiniMind-V's own VLMDataset (its dataset/lm_dataset.py, with its tokenizer and a SigLIP image processor)
+    on our built-in Parquet and on hand-made rows (two images, several turns, a system prompt, a text-only row
+    with its 8x8 stand-in) gives our ids, our labels (newline_loss, MiniMind's mask) and our pixels."""
+    if not (MINIMIND_V / "HEAD").is_file() and not (MINIMIND_V / ".git").exists():
+        pytest.skip(f"MiniMind-V's repository is not at {MINIMIND_V} (set MINIMIND_V_REPO)")
+    from transformers import SiglipImageProcessorPil
+
+    from minimind.tokenizer import load_tokenizer
+
+    for name in ("dataset/__init__.py", "dataset/lm_dataset.py", "model/__init__.py", "model/model_minimind.py",
+                 "model/model_vlm.py", "model/tokenizer.json", "model/tokenizer_config.json"):
+        blob = subprocess.run(["git", "-C", str(MINIMIND_V), "show", f"{MINIMIND_V_COMMIT}:{name}"],
+                              capture_output=True, check=True).stdout
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(blob)
+    # Its loader reads Parquet through Hugging Face `datasets` (not installed here): the same rows via pyarrow.
+    stub = types.ModuleType("datasets")
+    stub.Dataset = types.SimpleNamespace(from_parquet=lambda p: pq.read_table(p, columns=list(vision.COLUMNS))
+                                         .to_pylist())
+    monkeypatch.setitem(sys.modules, "datasets", stub)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # it sets this on import
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = set(sys.modules)
+    try:
+        from dataset.lm_dataset import VLMDataset
+    finally:  # its top-level `model` and `dataset` packages must not outlive the test
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+    monkeypatch.setattr(random, "random", lambda: 0.2)  # its augmentations off: no system prompt added, think kept
+
+    processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "processor")
+    theirs_tok = load_tokenizer(tmp_path / "model")
+    gen_path = tmp_path / "builtin.parquet"
+    write_vision_parquet(gen_path, gen.make_vision(28, seed=0, size=40))
+    jpeg = {c: encoded(solid(c, (20, 20)), "JPEG") for c in ("red", "blue", "green", "yellow")}
+    mixed = [
+        {"conversations": chat("<image>\n<image>\n哪张是红色的？", "第一张。"), "images": [jpeg["red"], jpeg["blue"]]},
+        {"conversations": chat("你好", "你好！"), "images": [encoded(Image.new("RGB", (8, 8)), "JPEG")]},
+        {"conversations": [{"role": "system", "content": "You are minimind."},
+                           {"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "Green."},
+                           {"role": "user", "content": "And <image>?"}, {"role": "assistant", "content": "Yellow."}],
+         "images": [jpeg["green"], jpeg["yellow"]]},
+    ]
+    mixed_path = tmp_path / "mixed.parquet"
+    write_vision_parquet(mixed_path, mixed)
+    for path, n_rows in ((gen_path, 28), (mixed_path, 3)):
+        upstream = VLMDataset(str(path), theirs_tok, preprocess=processor, max_length=300)
+        ours = VisionDataset(path, theirs_tok, seq_len=300, image_spec=processor_spec(tmp_path / "processor"),
+                             newline_loss=True)
+        assert len(ours) == len(upstream) == n_rows
+        for i in range(n_rows):
+            ids_u, labels_u, pixels_u = upstream[i]
+            ids, mask, pixels = ours[i]
+            n = len(ids)
+            assert ids_u[:n].tolist() == ids.tolist() and (ids_u[n:] == theirs_tok.pad_token_id).all(), (path, i)
+            assert labels_u[:n].tolist() == np.where(mask.astype(bool), ids, -100).tolist(), (path, i)
+            assert (labels_u[n:] == -100).all()
+            if len(pixels):  # its text-only row still carries the stand-in image, which no pad takes
+                assert (pixels_u["pixel_values"].reshape(pixels.shape) - pixels).abs().max() < 1e-5, (path, i)

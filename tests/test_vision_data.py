@@ -252,6 +252,32 @@ def test_image_rows_longer_than_seq_len_are_bad(tmp_path, tokenizer):
     assert ds.stats.tokens == sum(ds.lengths())
 
 
+def test_dataset_index_is_cached_by_file_tokenizer_and_settings(tmp_path, tokenizer, monkeypatch):
+    red = encoded(solid("red"))
+    path = raw_parquet(tmp_path / "c.parquet", [json.dumps(chat("<image>\nWhat?")), json.dumps(chat("<image>" * 3))],
+                       [[red], [red] * 3], pa.list_(pa.binary()))
+    cache = tmp_path / "cache"
+    first = VisionDataset(path, tokenizer, seq_len=150, skip_bad=True, cache_dir=cache)
+    assert len(first) == 1 and first.stats.skipped_bad == 1 and len(list(cache.glob("*.npz"))) == 1
+
+    def no_scan(self, skip_bad):
+        raise AssertionError("scanned again")
+
+    with monkeypatch.context() as m:
+        m.setattr(VisionDataset, "_index", no_scan)
+        again = VisionDataset(path, tokenizer, seq_len=150, skip_bad=True, cache_dir=cache)
+        assert again.numbers.tolist() == [1] and again.stats == first.stats
+        assert torch.equal(again[0][2], first[0][2])
+        for changed in ({"seq_len": 300}, {"seq_len": 150, "skip_bad": False}, {"seq_len": 150, "newline_loss": True}):
+            with pytest.raises(AssertionError, match="scanned again"):
+                VisionDataset(path, tokenizer, cache_dir=cache, **changed)
+    with pytest.raises(MiniMindError, match=":2: .* over seq_len 150"):  # skip_bad's cache hides nothing
+        VisionDataset(path, tokenizer, seq_len=150, cache_dir=cache)
+    raw_parquet(path, [json.dumps(chat("<image>\nWhat is the king?"))], [[red]], pa.list_(pa.binary()))
+    rewritten = VisionDataset(path, tokenizer, seq_len=150, cache_dir=cache)  # a new file: scanned anew
+    assert rewritten.lengths()[0] == len(rewritten[0][0]) > first.lengths()[0]
+
+
 def test_dataset_names_the_row_of_an_image_that_does_not_decode(tmp_path, tokenizer):
     path = raw_parquet(tmp_path / "broken.parquet", [json.dumps(chat("<image>?"))] * 2,
                        [encoded(solid("red")), b"\xff\xd8\xff not a jpeg"])

@@ -43,6 +43,7 @@ MAX_IMAGE_PIXELS = 1 << 26
 PLACEHOLDER_SIDE = 8
 COLUMNS = ("conversations", "image_bytes")  # MiniMind-V's Parquet; other columns are left alone
 ROW_GROUP_ROWS = 1000  # rows per Parquet row group we write: a reader holds one group of images in memory
+INDEX_FORMAT = 1  # of VisionDataset's cached index: a change makes old caches rebuild
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/=_\-\s]+")
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),(?P<data>.*)", re.DOTALL)
@@ -376,44 +377,82 @@ class VisionDataset:
     image count or an image row over seq_len raises MiniMindError naming file and row (with skip_bad, the row
     is left out and counted). Items are read, decoded and encoded on demand; an image that does not decode
     raises then (check_vision decodes them all beforehand). Text-only rows over seq_len are cut, as for SFT.
-    `.stats` (PackStats), `.lengths()` and `.loss_tokens_per_row()` serve the training loop.
+    `.stats` (PackStats), `.lengths()` and `.loss_tokens_per_row()` serve the training loop. That scan is
+    cached (see _cached_index) in cache_dir, by default pack's: $MINIMIND_CACHE or ~/.cache/minimind/packed.
     `image_spec`: preprocess's keyword arguments (processor_spec of the encoder, or size/mean/std)."""
 
     def __init__(self, path: str | Path, tokenizer: Any, seq_len: int, image_spec: dict | None = None,
-                 image_tokens: int = IMAGE_TOKENS, newline_loss: bool = False, skip_bad: bool = False) -> None:
+                 image_tokens: int = IMAGE_TOKENS, newline_loss: bool = False, skip_bad: bool = False,
+                 cache_dir: str | Path | None = None) -> None:
         self.path, self.tokenizer, self.seq_len = Path(path), tokenizer, seq_len
         self.image_spec, self.image_tokens, self.newline_loss = image_spec or {}, image_tokens, newline_loss
         if not self.path.is_file():
             raise MiniMindError(f"{self.path}: no such file")
         self.image_token_id = image_pad_id(tokenizer)  # for the model: where the features go
-        self.stats = PackStats()
-        numbers, positions, lengths, loss = [], [], [], []
-        for n, position, raw in _raw_rows(self.path, images=False):
-            try:
-                ids, mask = encode_vision(tokenizer, _parse_raw(raw, self.path, decode=False), seq_len,
-                                          image_tokens, newline_loss)
-            except ValueError as e:
-                if not skip_bad:
-                    raise MiniMindError(f"{self.path}:{n}: {e}") from None
-                self.stats.skipped_bad += 1
-                continue
-            numbers.append(n)
-            positions.append(position)
-            lengths.append(min(len(ids), seq_len))
-            loss.append(sum(mask[:seq_len]))
-            self.stats.longest = max(self.stats.longest, len(ids))
-            self.stats.truncated += len(ids) > seq_len
-            self.stats.dropped_tokens += max(0, len(ids) - seq_len)
-        self.numbers, self.positions = np.asarray(numbers, dtype=np.int64), np.asarray(positions, dtype=np.int64)
-        self._lengths, self._loss = np.asarray(lengths, dtype=np.int64), np.asarray(loss, dtype=np.int64)
-        self.stats.documents = self.stats.rows = len(numbers)
-        self.stats.tokens, self.stats.loss_tokens = int(self._lengths.sum()), int(self._loss.sum())
-        self.stats.no_loss_rows = int((self._loss == 0).sum())
-        self.stats.source_bytes = self.path.stat().st_size
+        index = self._cached_index(skip_bad, cache_dir)
+        self.numbers, self.positions = index["numbers"], index["positions"]
+        self._lengths, self._loss = index["lengths"], index["loss"]
+        skipped, longest, truncated, dropped = (int(x) for x in index["counts"])
+        self.stats = PackStats(documents=len(self.numbers), rows=len(self.numbers), tokens=int(self._lengths.sum()),
+                               truncated=truncated, skipped_bad=skipped, loss_tokens=int(self._loss.sum()),
+                               dropped_tokens=dropped, longest=longest, no_loss_rows=int((self._loss == 0).sum()),
+                               source_bytes=self.path.stat().st_size)
         if is_parquet(self.path):
             meta = _parquet_file(self.path).metadata
             self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         self._group: tuple[int, list[dict]] | None = None  # the row group read last: neighbours come together
+
+    def _cached_index(self, skip_bad: bool, cache_dir: str | Path | None) -> dict[str, np.ndarray]:
+        """_index, kept in the packed-data cache under the file's identity (path, size, time), the tokenizer and
+        the settings: a resumed run, or each process of a torchrun, opens a big file without tokenizing it."""
+        import hashlib
+
+        from minimind.data.pack import default_cache_dir, tokenizer_json
+        from minimind.files import atomic_path
+
+        st = self.path.stat()
+        identity = {"format": INDEX_FORMAT, "path": str(self.path.resolve()), "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns, "seq_len": self.seq_len, "image_tokens": self.image_tokens,
+                    "newline_loss": self.newline_loss, "skip_bad": skip_bad,
+                    "tokenizer_sha256": hashlib.sha256(tokenizer_json(self.tokenizer).encode()).hexdigest()}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        file = Path(cache_dir or default_cache_dir()) / f"{self.path.stem}-vision-{self.seq_len}-{key[:16]}.npz"
+        try:
+            with np.load(file) as cached:
+                if str(cached["key"]) == key:
+                    return {k: cached[k] for k in ("numbers", "positions", "lengths", "loss", "counts")}
+        except (OSError, KeyError, ValueError):  # none yet, or damaged: build it again
+            pass
+        index = self._index(skip_bad)
+        with atomic_path(file) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, key=np.array(key), **index)
+        return index
+
+    def _index(self, skip_bad: bool) -> dict[str, np.ndarray]:
+        """Every row's text read and encoded: file numbers and positions of the good rows, their lengths (cut to
+        seq_len) and loss tokens, and counts [skipped, longest, truncated, tokens cut]."""
+        numbers, positions, lengths, loss = [], [], [], []
+        skipped = longest = truncated = dropped = 0
+        for n, position, raw in _raw_rows(self.path, images=False):
+            try:
+                ids, mask = encode_vision(self.tokenizer, _parse_raw(raw, self.path, decode=False), self.seq_len,
+                                          self.image_tokens, self.newline_loss)
+            except ValueError as e:
+                if not skip_bad:
+                    raise MiniMindError(f"{self.path}:{n}: {e}") from None
+                skipped += 1
+                continue
+            numbers.append(n)
+            positions.append(position)
+            lengths.append(min(len(ids), self.seq_len))
+            loss.append(sum(mask[:self.seq_len]))
+            longest = max(longest, len(ids))
+            truncated += len(ids) > self.seq_len
+            dropped += max(0, len(ids) - self.seq_len)
+        return {k: np.asarray(v, dtype=np.int64) for k, v in (
+            ("numbers", numbers), ("positions", positions), ("lengths", lengths), ("loss", loss),
+            ("counts", [skipped, longest, truncated, dropped]))}
 
     def __len__(self) -> int:
         return len(self.numbers)

@@ -400,7 +400,7 @@ class VisionDataset:
         if is_parquet(self.path):
             meta = _parquet_file(self.path).metadata
             self.group_starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._group: tuple[int, list[dict]] | None = None  # the row group read last: neighbours come together
+        self._group: tuple[int, Any] | None = None  # the row group (an Arrow table) read last
 
     def _cached_index(self, skip_bad: bool, cache_dir: str | Path | None) -> dict[str, np.ndarray]:
         """_index, kept in the packed-data cache under the file's identity (path, size, time), the tokenizer and
@@ -468,8 +468,9 @@ class VisionDataset:
         if is_parquet(self.path):
             g = int(np.searchsorted(self.group_starts, position, side="right")) - 1
             if self._group is None or self._group[0] != g:
-                self._group = g, _row_group(_parquet_file(self.path), g)
-            return self._group[1][position - int(self.group_starts[g])]
+                self._group = g, _parquet_file(self.path).read_row_group(g, columns=list(COLUMNS))
+            # One row made Python objects, not the group: random order reads a row at a time.
+            return self._group[1].slice(position - int(self.group_starts[g]), 1).to_pylist()[0]
         with self.path.open("rb") as fh:
             fh.seek(position)
             raw = fh.readline()

@@ -89,10 +89,12 @@ OPTIONS = {
     "size": {"en": ("bigger", "smaller"), "zh": ("大", "小")},
     "chart": {lang: tuple("ABCDE"[:max(BARS)]) for lang in NAMES},
 }
-READ_TEXTS = (*(str(n) for n in range(1000)), *WORDS)
-# A uniform guess among the answers a kind allows (read: among every text it draws; chart: 1/bars, averaged).
+NUMBERS = tuple(str(n) for n in range(1000))  # read: a number or a word, half and half
+# Chance per kind: the accuracy of the best fixed answer (in the question's language). Answers are drawn
+# uniformly; bar "A" is right 1/bars of the time; a set's texts to read hardly repeat (make_vision draws no
+# image twice while unseen ones remain), so one fixed text is right about once in all of them.
 CHANCE = {**{k: 1 / len(v["en"]) for k, v in OPTIONS.items() if k != "chart"},
-          "read": 1 / len(READ_TEXTS), "chart": sum(1 / n for n in BARS) / len(BARS)}
+          "read": 1 / (len(NUMBERS) + len(WORDS)), "chart": sum(1 / n for n in BARS) / len(BARS)}
 
 
 @dataclass(frozen=True)
@@ -206,7 +208,7 @@ def _two(rng: random.Random) -> Scene:
 
 
 def _text(rng: random.Random) -> Scene:
-    text = rng.choice(READ_TEXTS[:1000]) if rng.random() < 0.5 else rng.choice(WORDS)
+    text = rng.choice(NUMBERS) if rng.random() < 0.5 else rng.choice(WORDS)
     return Scene(text=text, style=(rng.randrange(len(TEXT_COLOURS)), rng.randint(-2, 2), rng.randint(-2, 2)))
 
 
@@ -234,11 +236,9 @@ def _qa(scene: Scene, kind: str, lang: str, rng: random.Random) -> tuple[str, st
     elif kind in ("position", "size"):
         a, b = rng.sample(scene.objects, 2)
         question = question.format(a.name(lang), b.name(lang))
-        if kind == "position":
-            left = a.cell % GRID < b.cell % GRID
-        else:
-            left = a.size > b.size  # "bigger" is the first option, as "left" is
-        answer = OPTIONS[kind][lang][0 if left else 1]
+        # The first option is "left" / "bigger".
+        first = a.cell % GRID < b.cell % GRID if kind == "position" else a.size > b.size
+        answer = OPTIONS[kind][lang][0 if first else 1]
     elif kind == "read":
         answer = scene.text
     else:

@@ -59,11 +59,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     if args.use_moe is not None:
         overrides["use_moe"] = bool(args.use_moe)
     out = import_model(args.src, args.out, tokenizer=args.tokenizer, preset=args.preset, dtype=args.dtype,
-                       rope_scaling=args.rope_scaling, **overrides)
+                       rope_scaling=args.rope_scaling, vision_encoder=args.vision_encoder, **overrides)
     cfg = ModelConfig.load(out)
+    vision = ", plus a vision encoder and projector" if args.vision_encoder else ""
     print(f"imported {args.src} -> {out}: {cfg.model_type}, {cfg.num_parameters():,} parameters "
           f"(d={cfg.hidden_size}, {cfg.num_hidden_layers} layers" + (f", {cfg.num_experts} experts" if cfg.use_moe
-                                                                     else "") + ")")
+                                                                     else "") + ")" + vision)
 
 
 def add_import_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,6 +78,8 @@ def add_import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (required when SRC has no tokenizer.json)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="convert the weights (default: as stored)")
+    p.add_argument("--vision-encoder", default=None, help="MiniMind-V's .pth only: the transformers directory of its "
+                   "vision encoder (SigLIP or CLIP, e.g. siglip2-base-p32-256-ve), whose weights the .pth leaves out")
     add_rope_scaling_flag(p, "the RoPE scaling written to config.json, for SRC of either kind")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=".pth only: base config (default: minimind-3, or minimind2/-small/-moe without q/k-norm)")

@@ -180,3 +180,39 @@ def test_a_tower_saved_by_transformers_loads_and_runs(kind, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids, pixel_values=pv, image_counts=[2]).logits,
                            model(ids, pixel_values=pv, image_counts=[2]).logits)
+
+
+def test_lfm2_vl_export_gives_our_logits_in_transformers(tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    from minimind.cli import main
+
+    model = vlm(seed=3)
+    save_model(model, tmp_path / "vlm")
+    main(["export", "lfm2-vl", "--model", str(tmp_path / "vlm"), "--out", str(tmp_path / "hf")])
+    assert "Lfm2VlForConditionalGeneration" in capsys.readouterr().out
+    hf = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Lfm2VlForConditionalGeneration"
+    assert type(hf.model.vision_tower).__name__ == "SiglipVisionModel"
+    ids = torch.tensor([prompt([40, 41], "img", [42], "img", [43]), prompt([44] * 68, "img")])
+    pv = images(3)
+    grid = {"spatial_shapes": torch.tensor([[8, 8]] * 3), "pixel_attention_mask": torch.ones(3, 64, dtype=torch.bool)}
+    with torch.no_grad():
+        want = model(ids, pixel_values=pv, image_counts=[2, 1]).logits
+        got = hf(input_ids=ids, pixel_values=pv, **grid).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    # transformers' own generate after an image prefill: the same greedy tokens as ours
+    ours = generate(model, None, [ids[1].tolist()], SamplingParams(temperature=0, max_new_tokens=5),
+                    images={"pixel_values": pv[2:], "image_counts": [1]})[0].token_ids
+    theirs = hf.generate(input_ids=ids[1:], pixel_values=pv[2:], spatial_shapes=grid["spatial_shapes"][:1],
+                         pixel_attention_mask=grid["pixel_attention_mask"][:1], max_new_tokens=5, do_sample=False,
+                         eos_token_id=None)
+    assert theirs[0, ids.shape[1]:].tolist() == ours
+
+
+def test_only_vision_models_with_siglip_towers_export(tmp_path):
+    from minimind.export.lfm2_vl import export_lfm2_vl
+
+    save_model(small_model("qwen3"), tmp_path / "llm")
+    with pytest.raises(MiniMindError, match="not a vision model"):
+        export_lfm2_vl(tmp_path / "llm", tmp_path / "out")

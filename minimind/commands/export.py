@@ -1,5 +1,6 @@
-"""`minimind export gguf|ollama` (a model directory out to llama.cpp / Ollama) and `minimind import` (weights in
-from transformers or MiniMind's .pth). `minimind export gguf --model runs/x/model --out x.gguf --type q8_0`."""
+"""`minimind export gguf|ollama|lfm2-vl` (a model directory out to llama.cpp / Ollama / transformers' LFM2-VL) and
+`minimind import` (weights in from transformers or MiniMind's .pth).
+`minimind export gguf --model runs/x/model --out x.gguf --type q8_0`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ def cmd_export_ollama(args: argparse.Namespace) -> None:
     print(f"create the Ollama model with:\n  {command}")
 
 
+def cmd_export_lfm2_vl(args: argparse.Namespace) -> None:
+    from minimind.export.lfm2_vl import export_lfm2_vl
+
+    out = export_lfm2_vl(args.model, args.out)
+    print(f"wrote {out}: Lfm2VlForConditionalGeneration (SigLIP tower, no remote code); load it with "
+          "transformers.AutoModelForImageTextToText.from_pretrained")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `export` and `import`."""
     export = sub.add_parser("export", help="export a model directory to GGUF (llama.cpp) or Ollama").add_subparsers(
@@ -51,6 +60,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", default="q8_0", choices=["f32", "f16", "q8_0"], help="weight storage in the GGUF")
     p.add_argument("--name", default=None, help="model name for Ollama (default: the model directory's name)")
     p.set_defaults(func=cmd_export_ollama)
+
+    p = export.add_parser("lfm2-vl", help="write a vision model as a transformers LFM2-VL directory (no remote code)",
+                          description="The same logits in transformers' Lfm2VlForConditionalGeneration: our SigLIP "
+                          "tower, projector and decoder (minimind/export/lfm2_vl.py says why LFM2-VL, not LLaVA).")
+    p.add_argument("--model", required=True, help="vision model directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_export_lfm2_vl)
     add_import_parser(sub)
 
 

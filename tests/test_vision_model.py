@@ -132,6 +132,15 @@ def test_freezing_matches_minimind_v(model):
     set_trainable(model, 0)
 
 
+def test_lora_wraps_the_decoder_not_the_tower():
+    from minimind.lora import inject_lora
+
+    model = vlm()
+    names = inject_lora(model, rank=4, targets="all")
+    assert names and all(n.startswith("model.layers.") for n in names)
+    assert len(names) == 7 * model.config.num_hidden_layers  # q k v o gate up down
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = vlm("qwen3_moe", seed=2)
     save_model(model, tmp_path / "vlm")

@@ -223,7 +223,8 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
     stored = next(iter(state.values())).dtype
     if stored not in DTYPES.values():
         stored = torch.float32
-    model = model_from_state(cfg, state, source, stored, vision)
+    # Built in the dtype asked for: a float32 tower added to a half-precision .pth is not rounded on the way.
+    model = model_from_state(cfg, state, source, DTYPES[dtype] if dtype else stored, vision)
     if len(tok) > cfg.vocab_size:
         raise MiniMindError(f"{source}: the tokenizer has {len(tok)} tokens but the weights only {cfg.vocab_size}")
     return save_model(model, out, tok, dtype=dtype)

@@ -129,3 +129,27 @@ def test_a_minimind_v_pth_needs_its_tower(tmp_path, tokenizer):
     with pytest.raises(MiniMindError, match="no vision_proj"):
         import_model(tmp_path / "llm.pth", tmp_path / "out", tokenizer=tmp_path / "tok",
                      vision_encoder=tmp_path / "tower")
+
+
+def test_a_minimind_v_layout_pth_imports_with_its_tower(tmp_path, tokenizer):
+    """Without MiniMind-V's code: our own vision model written out in its release layout (its names are ours; no
+    tower, half precision) comes back from `import` with the tower's directory, its weights as they were."""
+    from conftest import small_model
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(**TOWER)).save_pretrained(tmp_path / "tower")
+    save_tokenizer(tokenizer, tmp_path / "tok")
+    model = VisionLanguageModel.from_llm(small_model("qwen3", vocab_size=400), tmp_path / "tower").eval()
+    state = {k: v.half() for k, v in model.state_dict().items() if not k.startswith("vision_encoder.")}
+    torch.save(state, tmp_path / "sft_vlm_64.pth")
+    import_model(tmp_path / "sft_vlm_64.pth", tmp_path / "out", tokenizer=tmp_path / "tok",
+                 vision_encoder=tmp_path / "tower", dtype="float32", num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=512)
+    ours = load_model(tmp_path / "out")
+    assert isinstance(ours, VisionLanguageModel)
+    assert ours.vision == model.vision
+    back = ours.state_dict()
+    for k, v in model.state_dict().items():
+        want = v if k.startswith("vision_encoder.") else v.half().float()  # the tower comes from its directory
+        assert torch.equal(back[k], want), k

@@ -29,9 +29,11 @@ def build_tower(vision: VisionConfig) -> nn.Module:
 
 
 def tower_config(tower: nn.Module) -> dict:
+    """The tower's transformers config as config.json will hold it (JSON types: a reloaded config compares equal)."""
     d = tower.config.to_dict()
-    d.pop("transformers_version", None)
-    return d
+    for noise in ("transformers_version", "id2label", "label2id"):  # label maps are for classifier heads
+        d.pop(noise, None)
+    return json.loads(json.dumps(d))
 
 
 def load_tower(directory: str | Path) -> tuple[VisionConfig, nn.Module]:

@@ -16,7 +16,7 @@ from minimind import MiniMindError
 from minimind.config import ModelConfig
 from minimind.model import CausalLMOutput, MiniMindForCausalLM
 from minimind.vision.config import VisionConfig, tiny_encoder
-from minimind.vision.encoders import build_tower, load_tower, patch_features, reset_buffers
+from minimind.vision.encoders import build_tower, load_tower, patch_features
 
 FREEZE_CHOICES = (0, 1, 2)
 
@@ -54,20 +54,18 @@ class VisionLanguageModel(MiniMindForCausalLM):
             vision, tower = load_tower(encoder)
         else:
             vision, tower = VisionConfig(encoder=encoder or tiny_encoder()), None
-        torch.manual_seed(seed)
         with torch.device("meta"):  # the decoder's weights come from `llm`: skip initialising them twice
             model = cls(llm.config, vision)
         model.to_empty(device="cpu")
         model.model.rotary.reset()
-        model.load_state_dict(llm.state_dict(), strict=False)
+        model.load_state_dict(llm.state_dict(), strict=False)  # (the vision keys are replaced below)
         if llm.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        fresh = build_tower(vision) if tower is None else tower
-        model.vision_encoder.load_state_dict(fresh.state_dict())
-        reset_buffers(model.vision_encoder)
+        torch.manual_seed(seed)
+        model.vision_encoder = build_tower(vision) if tower is None else tower
         model.vision_proj = Projector(vision.feature_size, llm.config.hidden_size)
-        dtype = llm.model.embed_tokens.weight.dtype
-        return model.to(device=llm.model.embed_tokens.weight.device, dtype=dtype).train(llm.training)
+        weight = llm.model.embed_tokens.weight
+        return model.to(device=weight.device, dtype=weight.dtype).train(llm.training)
 
     @property
     def image_tokens(self) -> int:

@@ -21,6 +21,8 @@ from minimind.config import PRESETS, ModelConfig
 if TYPE_CHECKING:  # torch and the model load lazily, so that `minimind --help` stays fast
     import torch
 
+    from minimind.vision.config import VisionConfig
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 # Flags of MiniMind's own scripts (--hidden_size, --num_hidden_layers, --use_moe) and a few more, as ModelConfig
@@ -146,7 +148,7 @@ def _minimind_hf_dict(d: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
     return out
 
 
-def _with_tower(state: dict[str, torch.Tensor], directory: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+def _with_tower(state: dict[str, torch.Tensor], directory: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """MiniMind-V saves its weights without the frozen tower (`vision_encoder.*`): add the tower's, from its
     directory, under that prefix. Tower weights the file does hold are kept."""
     from minimind.vision.encoders import load_tower

@@ -89,7 +89,7 @@ def test_batched_prefill_with_different_image_counts_equals_one_at_a_time(family
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
-        last = model(ids, attention_mask=mask, logits_to_keep=1, **batch).logits[:, -1]
+        last = model(ids, mask, logits_to_keep=1, **batch).logits[:, -1]  # (the mask positionally, as for an LLM)
         for i, (p, n, s) in enumerate(zip(prompts, counts, starts)):
             one = model(torch.tensor([p]), pixel_values=pv[s:s + n], image_counts=[n]).logits[0, -1]
             torch.testing.assert_close(last[i], one, rtol=0, atol=1e-5)

@@ -107,14 +107,15 @@ class VisionLanguageModel(MiniMindForCausalLM):
         feats = self.image_features(pixel_values).to(x.dtype)
         return x.masked_scatter(pads[..., None], feats.reshape(-1, feats.shape[-1]))
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, *args, pixel_values: torch.Tensor | None = None,
                 image_counts: torch.Tensor | list[int] | None = None, **kwargs) -> CausalLMOutput:
-        """MiniMindForCausalLM.forward with images: pixel_values [N, 3, S, S], normalised (VisionConfig), every
-        image of the batch in order of appearance; image_counts [B] per row (zeros for text-only rows) is
-        checked against the pads when given. Without pixel_values, pads are ordinary tokens (decoding steps)."""
+        """MiniMindForCausalLM.forward with images (keyword-only, so positional calls mean what they mean for the
+        language model): pixel_values [N, 3, S, S], normalised (VisionConfig), every image of the batch in order
+        of appearance; image_counts [B] per row (zeros for text-only rows) is checked against the pads when given.
+        Without pixel_values, pads are ordinary tokens (decoding steps)."""
         if pixel_values is not None:
             kwargs["inputs_embeds"] = self.embed(input_ids, pixel_values, image_counts)
-        return super().forward(input_ids, **kwargs)
+        return super().forward(input_ids, *args, **kwargs)
 
 
 def set_trainable(model: VisionLanguageModel, freeze_llm: int, train_encoder: bool = False) -> int:

@@ -265,3 +265,17 @@ def test_it_learns_to_read_an_image_through_the_tower_and_projector():
         logits = model(ids, pixel_values=pv, image_counts=[1] * 8, logits_to_keep=2).logits[:, 0]
     assert torch.equal(logits.argmax(-1), labels[:, -1]), (logits.argmax(-1), labels[:, -1])
     assert loss.item() < 0.2, loss.item()  # ln 2 = 0.69 is what guessing the colour would give
+
+
+def test_int8_quantisation_keeps_the_tower_and_projector_in_bf16():
+    from minimind.quant import Int8Linear, quantize_int8
+
+    model = vlm()
+    ids = torch.tensor([prompt([40], "img", [41, 42])])
+    with torch.no_grad():
+        want = model(ids, pixel_values=images(1), image_counts=[1]).logits
+        quantize_int8(model)
+        got = model(ids, pixel_values=images(1), image_counts=[1]).logits.float()
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
+    assert not any(isinstance(m, Int8Linear) for m in [*model.vision_encoder.modules(), *model.vision_proj.modules()])
+    assert (got - want).abs().max() < 0.1 * want.std()  # bf16 and int8 rounding (0.05 std), not another model

@@ -11,6 +11,9 @@ from typing import Any
 # ChatML pieces, spelled once. The format is MiniMind's (a Qwen3 derivative) so its published weights work.
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Vision: each IMAGE in a user turn becomes a run of IMAGE_PAD tokens whose embeddings the image's features
+# replace (MiniMind-V's scheme: the pads alone, no start/end markers around them).
+IMAGE, IMAGE_PAD = "<image>", "<|image_pad|>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -353,9 +356,11 @@ def render_with_spans(messages: Any, tools: Any = None, add_generation_prompt: b
 
 
 def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bool | None,
-            chat_format: str = "minimind-3") -> tuple[str, list[tuple[int, int]], set[int]]:
+            chat_format: str = "minimind-3", image_tokens: int = 0) -> tuple[str, list[tuple[int, int]], set[int]]:
     """render_with_spans, plus where the template itself wrote `<|im_start|>` and `<|im_end|>`: any other
-    special token in the text came from a message (or a tool) and is to be encoded as plain text."""
+    special token in the text came from a message (or a tool) and is to be encoded as plain text.
+    image_tokens > 0: each `<image>` in a user turn becomes that many `<|image_pad|>`, written (and marked) by
+    the template, so only a placeholder, never a pad typed into a message, makes image tokens."""
     messages, tools = normalize(messages, tools)
     check_format(chat_format, bool(thinking), tools)
     think_tags = chat_format == "minimind-3"
@@ -372,6 +377,13 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
     def tag(marker: str) -> None:
         marks.add(pos)
         emit(marker)
+
+    def user_text(text: str) -> None:
+        pieces = text.split(IMAGE) if image_tokens else [text]
+        for j, piece in enumerate(pieces):
+            for _ in range(image_tokens if j else 0):
+                tag(IMAGE_PAD)
+            emit(piece)
 
     has_system = bool(messages) and messages[0]["role"] == "system"
     system_text = messages[0]["content"] if has_system else ""
@@ -393,7 +405,11 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
         role, content = m["role"], m["content"]
         if role == "user" or (role == "system" and i > 0):
             tag(IM_START)
-            emit(f"{role}\n{content}")
+            emit(f"{role}\n")
+            if role == "user":
+                user_text(content)
+            else:
+                emit(content)
             tag(IM_END)
             emit("\n")
         elif role == "assistant":
@@ -484,7 +500,8 @@ def _encode_as_text(tokenizer: Any, text: str, marks: set[int]) -> tuple[list[in
 
 
 def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation_prompt: bool = False,
-                enable_thinking: bool | None = None, newline_loss: bool = False) -> tuple[list[int], list[int]]:
+                enable_thinking: bool | None = None, newline_loss: bool = False,
+                image_tokens: int = 0) -> tuple[list[int], list[int]]:
     """Token ids of the rendered conversation, in the tokenizer's chat format, and a 0/1 loss mask of the same
     length (no bos/eos added). ValueError for what that format cannot express (check_format). enable_thinking:
     as thinking_on, with the tokenizer's chat template giving the default (thinks_by_default).
@@ -492,10 +509,11 @@ def encode_chat(tokenizer: Any, messages: Any, tools: Any = None, add_generation
     The text is tokenized once (special tokens inside messages as plain text); a token carries loss iff its
     character range lies inside an assistant span, so the mask is right whatever BPE merges across boundaries.
     newline_loss: the `\\n` after each assistant `<|im_end|>` carries loss too, as in MiniMind's SFT and DPO
-    datasets (off by default, as in transformers and TRL: that token is the template's, not the model's)."""
+    datasets (off by default, as in transformers and TRL: that token is the template's, not the model's).
+    image_tokens: each `<image>` in a user turn becomes that many `<|image_pad|>` ids (never loss: user text)."""
     text, spans, marks = _render(messages, tools, add_generation_prompt,
                                  thinking_on(enable_thinking, None, thinks_by_default(tokenizer)),
-                                 chat_format(tokenizer))
+                                 chat_format(tokenizer), image_tokens)
     if newline_loss:  # the template writes a newline right after every assistant turn's <|im_end|>
         spans = [(start, end + 1) for start, end in spans]
     ids, offsets = _encode_as_text(tokenizer, text, marks)

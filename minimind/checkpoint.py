@@ -21,6 +21,7 @@ from minimind.files import atomic_path
 from minimind.generation import GENERATION_DEFAULTS
 from minimind.model import MiniMindForCausalLM
 from minimind.tokenizer import save_tokenizer
+from minimind.vision.config import VisionConfig, read_vision_config
 
 WEIGHTS = "model.safetensors"
 
@@ -41,7 +42,8 @@ def save_model(model: MiniMindForCausalLM, directory: str | Path, tokenizer: Any
     gen.update(generation or {})
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        cfg.save(tmp, dtype=dtype)
+        vision = getattr(model, "vision", None)  # a VisionLanguageModel's tower and image settings
+        cfg.save(tmp, dtype=dtype, extra={"vision": vision.to_dict()} if vision is not None else None)
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
@@ -71,10 +73,11 @@ def read_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def our_name(key: str) -> str:
-    """One key as we spell it: no `module.` or `_orig_mod.` prefix, and under `model.` unless it is lm_head."""
+    """One key as we spell it: no `module.` or `_orig_mod.` prefix, and under `model.` unless it is lm_head or a
+    vision model's tower or projector."""
     for prefix in ("module.", "_orig_mod."):
         key = key.removeprefix(prefix)
-    return key if key.startswith(("model.", "lm_head.")) else "model." + key
+    return key if key.startswith(("model.", "lm_head.", "vision_encoder.", "vision_proj.")) else "model." + key
 
 
 def layer_count(keys: Iterable[str], source: str) -> int:
@@ -146,10 +149,11 @@ def load_weights(model: MiniMindForCausalLM, state: dict[str, torch.Tensor], sou
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str,
-                     dtype: torch.dtype) -> MiniMindForCausalLM:
+                     dtype: torch.dtype, vision: VisionConfig | None = None) -> MiniMindForCausalLM:
     """The model for `cfg` holding `state`. The layer count, names and shapes are checked against the weights
     before anything is allocated (the model is first built on the meta device), so a config.json with absurd
-    sizes is an error naming the first mismatch, not an out-of-memory or an hour-long hang."""
+    sizes is an error naming the first mismatch, not an out-of-memory or an hour-long hang. With `vision`, a
+    VisionLanguageModel (its tower and projector in `state` too)."""
     count = layer_count(state, source)
     if count != cfg.num_hidden_layers:
         lacking = "missing" if count < cfg.num_hidden_layers else "unexpected"
@@ -158,11 +162,20 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
                             f"config.json has {cfg.num_hidden_layers}, the weights {count})")
     state = to_our_names(state, cfg)
     with torch.device("meta"):
-        model = MiniMindForCausalLM(cfg)
+        if vision is None:
+            model = MiniMindForCausalLM(cfg)
+        else:
+            from minimind.vision.model import VisionLanguageModel
+
+            model = VisionLanguageModel(cfg, vision)
     check_weights(model, state, source)
     model.to_empty(device="cpu")
     model.to(dtype)
     model.model.rotary.reset()  # the RoPE table is computed, not stored: rebuild it off the meta device
+    if vision is not None:
+        from minimind.vision.encoders import reset_buffers
+
+        reset_buffers(model.vision_encoder)
     model.load_state_dict(state, strict=False)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -171,7 +184,8 @@ def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source: s
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = torch.float32, rope_scaling: str | None = None) -> MiniMindForCausalLM:
-    """Read a model directory written by us or by transformers. dtype=None keeps the stored dtype. rope_scaling
+    """Read a model directory written by us or by transformers (a VisionLanguageModel when config.json has a
+    `minimind.vision` section). dtype=None keeps the stored dtype. rope_scaling
     overrides config.json's ("yarn": MiniMind's YaRN, "none": off; see ModelConfig.with_rope_scaling)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -180,7 +194,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     state = read_state_dict(directory)
     if dtype is None:
         dtype = next(iter(state.values())).dtype
-    return model_from_state(cfg, state, str(directory / WEIGHTS), dtype).to(device)
+    vision = read_vision_config(directory)
+    return model_from_state(cfg, state, str(directory / WEIGHTS), dtype, vision).to(device)
 
 
 # ---- resume states -------------------------------------------------------------------------------------

@@ -260,9 +260,12 @@ class ModelConfig:
         except TypeError as e:
             raise MiniMindError(f"{source}: {e}") from None
 
-    def save(self, directory: str | Path, dtype: str = "float32") -> None:
+    def save(self, directory: str | Path, dtype: str = "float32", extra: dict[str, Any] | None = None) -> None:
+        """Write config.json; `extra` adds fields under EXTRA_KEY (a vision model's `vision` section)."""
+        d = self.to_hf_dict(dtype)
+        d[EXTRA_KEY].update(extra or {})
         path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_hf_dict(dtype), indent=2) + "\n")
+        path.write_text(json.dumps(d, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> ModelConfig:

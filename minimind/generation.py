@@ -229,10 +229,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 
 @torch.inference_mode()
 def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, images: dict | None = None) -> Iterator[torch.Tensor]:
     """The decoding loop: yields one new token per row per step ([B] tensor), finished rows included
     (the caller decides when a row is done and stops iterating when all are). With use_cache=False every
-    step recomputes the whole sequence, which tests use as the reference."""
+    step recomputes the whole sequence, which tests use as the reference. `images` goes to every forward over
+    the whole prompt (a VisionLanguageModel's pixel_values and image_counts); cached steps need no images."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.model.embed_tokens.weight.device
@@ -246,7 +247,8 @@ def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[Sa
     sampler = Sampler(params, cfg.vocab_size, device)
     sampler.observe(ids, mask)
     cache = model.new_cache(len(prompts), ids.shape[1] + steps) if use_cache else None
-    out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+    images = images or {}
+    out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, **images)
     for _ in range(steps):
         token = sampler(out.logits[:, -1])
         yield token
@@ -256,7 +258,7 @@ def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[Sa
         else:
             ids = torch.cat([ids, token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
-            out = model(ids, attention_mask=mask, logits_to_keep=1)
+            out = model(ids, attention_mask=mask, logits_to_keep=1, **images)
 
 
 def stop_token_ids(model: MiniMindForCausalLM, tokenizer) -> set[int]:
@@ -303,9 +305,9 @@ class RowState:
 
 def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
                   params: SamplingParams | list[SamplingParams], results: list[Completion],
-                  use_cache: bool = True) -> Iterator[tuple[int, str]]:
+                  use_cache: bool = True, images: dict | None = None) -> Iterator[tuple[int, str]]:
     """Batched generation as a stream of (row, text piece) events; `results` (one Completion per prompt)
-    is filled in as it goes: token ids, text and finish_reason."""
+    is filled in as it goes: token ids, text and finish_reason. `images`: see decode."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     if len(params) != len(prompts) or len(results) != len(prompts):
         raise ValueError("give one SamplingParams (or one for all) and one Completion per prompt")
@@ -315,7 +317,7 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
         r.prompt_tokens = len(p)
     if not any(row.active for row in rows):
         return
-    for tokens in decode(model, prompts, params, use_cache):
+    for tokens in decode(model, prompts, params, use_cache, images):
         for i, t in enumerate(tokens.tolist()):
             if rows[i].active:
                 for piece in rows[i].feed(t):
@@ -326,16 +328,17 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
 
 def generate(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
              params: SamplingParams | list[SamplingParams] | None = None, use_cache: bool = True,
-             ) -> list[Completion]:
-    """Generate for a batch of prompts (lists of token ids); returns one Completion per prompt."""
+             images: dict | None = None) -> list[Completion]:
+    """Generate for a batch of prompts (lists of token ids); returns one Completion per prompt. A vision model
+    takes images={"pixel_values": [N, 3, S, S], "image_counts": [B]} for the prompts' image pads."""
     results = [Completion() for _ in prompts]
-    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache):
+    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache, images):
         pass
     return results
 
 
 def stream(model: MiniMindForCausalLM, tokenizer, prompt: list[int], params: SamplingParams,
-           result: Completion | None = None) -> Iterator[str]:
+           result: Completion | None = None, images: dict | None = None) -> Iterator[str]:
     """Stream text pieces for one prompt; pass `result` to receive token ids and finish_reason."""
-    for _, piece in generate_iter(model, tokenizer, [prompt], params, [result or Completion()]):
+    for _, piece in generate_iter(model, tokenizer, [prompt], params, [result or Completion()], images=images):
         yield piece

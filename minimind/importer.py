@@ -1,5 +1,7 @@
 """Import weights into our model directory: a transformers directory (Qwen3, Qwen3-MoE, Qwen2-MoE, Llama, or
 MiniMind's `model_type: minimind` export) or MiniMind's native `.pth` state dict. `minimind import SRC --out DIR`.
+MiniMind-V's `.pth` (the decoder and `vision_proj.*`, without the frozen tower) needs the tower's directory:
+`minimind import sft_vlm_768.pth --vision-encoder siglip2-base-p32-256-ve/ --tokenizer DIR --out DIR`.
 
 MiniMind2's MoE adds its shared experts to the routed output ungated (`y + shared(x)`). transformers has no
 model type with that and our attention (qwen2_moe always gates its shared expert by sigmoid(w . x); DeepSeek's
@@ -18,6 +20,8 @@ from minimind.config import PRESETS, ModelConfig
 
 if TYPE_CHECKING:  # torch and the model load lazily, so that `minimind --help` stays fast
     import torch
+
+    from minimind.vision.config import VisionConfig
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -144,6 +148,20 @@ def _minimind_hf_dict(d: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
     return out
 
 
+def _with_tower(state: dict[str, torch.Tensor], directory: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
+    """MiniMind-V saves its weights without the frozen tower (`vision_encoder.*`): add the tower's, from its
+    directory, under that prefix. Tower weights the file does hold are kept."""
+    from minimind.vision.encoders import load_tower
+
+    vision, tower = load_tower(directory)
+    keys = {_strip(k) for k in state}
+    extra = {f"vision_encoder.{k}": v for k, v in tower.state_dict().items() if f"vision_encoder.{k}" not in keys}
+    if not any(k.startswith("vision_proj.") for k in keys):
+        raise MiniMindError("the weights have no vision_proj.* (MiniMind-V's projector): --vision-encoder is for "
+                            "MiniMind-V checkpoints")
+    return vision, {**state, **extra}
+
+
 def _find_tokenizer(src: Path, tokenizer: str | Path | None):
     from minimind.tokenizer import load_tokenizer
 
@@ -156,11 +174,13 @@ def _find_tokenizer(src: Path, tokenizer: str | Path | None):
 
 
 def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None = None, preset: str | None = None,
-                 dtype: str | None = None, rope_scaling: str | None = None, **overrides: Any) -> Path:
+                 dtype: str | None = None, rope_scaling: str | None = None,
+                 vision_encoder: str | Path | None = None, **overrides: Any) -> Path:
     """Write our model directory at `out` from `src`: a transformers model directory or a MiniMind `.pth`.
     `tokenizer` (a directory) is required when `src` has none; `preset` and `overrides` (ModelConfig fields)
     only apply to `.pth` files. `dtype` (float32, bfloat16, float16) converts; default: as stored.
-    `rope_scaling` ("yarn": MiniMind's inference_rope_scaling; "none") sets the RoPE scaling written."""
+    `rope_scaling` ("yarn": MiniMind's inference_rope_scaling; "none") sets the RoPE scaling written.
+    `vision_encoder` (a transformers SigLIP / CLIP directory) makes a MiniMind-V `.pth` a vision model."""
     import torch
 
     from minimind.checkpoint import model_from_state, read_state_dict, save_model
@@ -191,12 +211,22 @@ def import_model(src: str | Path, out: str | Path, tokenizer: str | Path | None 
     else:
         state = gate_shared_experts(read_pth(src))
         source = str(src)
-        cfg = infer_config(state, preset, source, **overrides)
+        vision_keys = [k for k in state if _strip(k).startswith(("vision_proj.", "vision_encoder."))]
+        if vision_keys and vision_encoder is None:
+            raise MiniMindError(f"{src}: holds a vision projector ({vision_keys[0]}): a MiniMind-V checkpoint; give "
+                                "its vision encoder's directory with --vision-encoder DIR")
+        cfg = infer_config({k: v for k, v in state.items() if k not in vision_keys}, preset, source, **overrides)
+    vision = None
+    if vision_encoder is not None:
+        if src.is_dir():
+            raise MiniMindError(f"{src}: --vision-encoder is for MiniMind-V's .pth files")
+        vision, state = _with_tower(state, vision_encoder)
     cfg = cfg.with_rope_scaling(rope_scaling)
     stored = next(iter(state.values())).dtype
     if stored not in DTYPES.values():
         stored = torch.float32
-    model = model_from_state(cfg, state, source, stored)
+    # Built in the dtype asked for: a float32 tower added to a half-precision .pth is not rounded on the way.
+    model = model_from_state(cfg, state, source, DTYPES[dtype] if dtype else stored, vision)
     if len(tok) > cfg.vocab_size:
         raise MiniMindError(f"{source}: the tokenizer has {len(tok)} tokens but the weights only {cfg.vocab_size}")
     return save_model(model, out, tok, dtype=dtype)

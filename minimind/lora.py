@@ -69,8 +69,10 @@ class LoRALinear(nn.Linear):
 
 
 def _block_linears(model: nn.Module) -> list[str]:
-    """Full names of the linear layers inside the decoder blocks (the embedding and lm_head stay as they are)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"]
+    """Full names of the linear layers inside the decoder blocks (the embedding and lm_head stay as they are, and so
+    does a vision model's tower, whose blocks are `layers` too)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{name}"
+            and not name.startswith("vision_encoder.")]
 
 
 def _suffix_match(name: str, target: str) -> bool:

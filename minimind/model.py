@@ -343,7 +343,8 @@ class MiniMindForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0,
-                logits_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                logits_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) covers these T tokens only: the
         cache remembers earlier ones. labels [B, T] are the targets unshifted (-100 = no loss), as in
         transformers. logits_to_keep=N returns logits for the last N positions only (0 = all).
@@ -351,7 +352,8 @@ class MiniMindForCausalLM(nn.Module):
         order: training skips the output head where there is no target (most of an SFT row's prompt).
         document_ids [B, T] (integers, equal within a document, changing where one starts) splits packed
         rows: a token attends only to its own document and positions restart at 0 at each document start,
-        so each document gets the logits it would get alone."""
+        so each document gets the logits it would get alone. inputs_embeds [B, T, hidden] replaces the token
+        embeddings (input_ids still give the shape): the vision model puts image features into them."""
         B, T = input_ids.shape
         if logits_mask is not None and (labels is not None or logits_to_keep):
             raise ValueError("logits_mask cannot be combined with labels or logits_to_keep")
@@ -370,7 +372,7 @@ class MiniMindForCausalLM(nn.Module):
                 position_ids = offset + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask, is_causal = self._attention_mask(attention_mask, cache, B, T, input_ids.device, document_ids)
 
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.training and self.model.dropout:
             x = F.dropout(x, self.model.dropout, training=True)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

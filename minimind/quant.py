@@ -50,11 +50,16 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: MiniMindForCausalLM) -> MiniMindForCausalLM:
-    """Quantise in place for inference (not training): every Linear but MoE routers becomes Int8Linear; the
-    rest (embedding, norms, routers) goes to bf16. A tied output head gets its own int8 copy, so the embedding
-    lookup stays exact."""
+    """Quantise in place for inference (not training): every decoder Linear but MoE routers becomes Int8Linear;
+    the rest (embedding, norms, routers, a vision model's tower and projector) goes to bf16. A tied output head
+    gets its own int8 copy, so the embedding lookup stays exact."""
     model.eval().to(torch.bfloat16)
+    # A vision model's tower and projector (Linear layers with biases, run once per image) stay bf16.
+    vision = {id(m) for part in ("vision_encoder", "vision_proj") if hasattr(model, part)
+              for m in getattr(model, part).modules()}
     for parent in list(model.modules()):
+        if id(parent) in vision:
+            continue
         for name, child in list(parent.named_children()):
             # An MoE router stays bf16: it is small, and its top-k choice is discrete, so rounding its weights
             # would send some tokens to other experts.

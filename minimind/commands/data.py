@@ -11,6 +11,9 @@ from minimind.data.tasks import FAMILIES
 
 
 def cmd_builtin(args: argparse.Namespace) -> None:
+    if args.vision:
+        cmd_builtin_vision(args)
+        return
     from minimind.data.builtin import write_builtin
 
     families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
@@ -19,6 +22,19 @@ def cmd_builtin(args: argparse.Namespace) -> None:
     for path in paths.values():
         with open(path, "rb") as f:
             rows = sum(1 for _ in f)
+        print(f"wrote {path}: {rows:,} rows, {path.stat().st_size / 1e3:,.0f} kB")
+
+
+def cmd_builtin_vision(args: argparse.Namespace) -> None:
+    import pyarrow.parquet as pq
+
+    from minimind.data.images import write_vision_builtin
+
+    kinds = [k.strip() for k in args.vision_kinds.split(",") if k.strip()] if args.vision_kinds else None
+    paths = write_vision_builtin(args.out, seed=args.seed, size=args.image_size, sft_rows=args.vision_sft,
+                                 caption_rows=args.vision_captions, heldout_rows=args.vision_heldout, kinds=kinds)
+    for path in paths.values():
+        rows = pq.ParquetFile(path).metadata.num_rows
         print(f"wrote {path}: {rows:,} rows, {path.stat().st_size / 1e3:,.0f} kB")
 
 
@@ -32,8 +48,16 @@ def cmd_check(args: argparse.Namespace) -> None:
         from minimind.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
-    report = check_file(args.file, kind=args.kind, tokenizer=tokenizer, max_problems=args.max_problems,
-                        progress=sys.stderr.isatty())
+    if args.vision or args.file.lower().endswith(".parquet"):  # the only Parquet rows `check` reads
+        from minimind.data.vision import IMAGE_TOKENS, check_vision
+
+        if args.seq_len and tokenizer is None:
+            raise MiniMindError("--seq-len needs --tokenizer (lengths are counted in its tokens)")
+
+        report = check_vision(args.file, tokenizer, args.seq_len, IMAGE_TOKENS, args.max_problems)
+    else:
+        report = check_file(args.file, kind=args.kind, tokenizer=tokenizer, max_problems=args.max_problems,
+                            progress=sys.stderr.isatty())
     print(format_report(report))
     if report.n_bad:
         raise SystemExit(1)  # after the report, so scripts and CI see both the lines and a failure
@@ -82,6 +106,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout-tasks", type=int, default=200, help="held-out task prompts in tasks_heldout.jsonl")
     p.add_argument("--families", default="", help="task families, comma-separated, taken in turn (name one twice for "
                    f"twice its share); default: {','.join(FAMILIES)}")
+    p.add_argument("--vision", action="store_true", help="write the built-in image sets instead: "
+                   "vision_pretrain (captions), vision_sft and vision_heldout (questions), as MiniMind-V's Parquet")
+    p.add_argument("--image-size", type=int, default=256, help="--vision: image side in pixels (MiniMind-V: 256)")
+    p.add_argument("--vision-sft", type=int, default=4000, help="--vision: question rows in vision_sft.parquet")
+    p.add_argument("--vision-captions", type=int, default=2000, help="--vision: rows in vision_pretrain.parquet")
+    p.add_argument("--vision-heldout", type=int, default=700, help="--vision: rows in vision_heldout.parquet")
+    p.add_argument("--vision-kinds", default="", help="--vision: question kinds (shape, colour, count, position, "
+                   "size, read, chart), comma-separated, taken in turn; default: all")
     p.set_defaults(func=cmd_builtin)
     add_check_convert_parsers(data)
     p = data.add_parser("mistakes", help="DPO pairs of a reference reply over the model's own wrong one",
@@ -103,10 +135,14 @@ def add_check_convert_parsers(data: argparse._SubParsersAction) -> None:
 
     p = data.add_parser("check", help="validate a data file; print every bad line as file:line: problem",
                         description="Validate a data file. Exits 1 if any line is bad.")
-    p.add_argument("file", help="a .jsonl data file (or .txt pretraining text)")
+    p.add_argument("file", help="a .jsonl data file (or .txt pretraining text; with --vision also .parquet)")
     p.add_argument("--kind", choices=KINDS, default=None, help="data kind (default: detected from the first row)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory: also report tokens per row")
     p.add_argument("--max-problems", type=int, default=50, help="print at most this many bad lines (all are counted)")
+    p.add_argument("--vision", action="store_true", help="image rows: JSONL with `images` (a .parquet file is always "
+                   "read as MiniMind-V's image rows); every image decoded, one per <image> placeholder")
+    p.add_argument("--seq-len", type=int, default=None, help="--vision with --tokenizer: an image row longer than "
+                   "this (its <image>s as 64 tokens each) is bad")
     p.set_defaults(func=cmd_check)
 
     p = data.add_parser("convert", help="convert Alpaca, ShareGPT or OpenAI-messages data to MiniMind JSONL")

@@ -1,5 +1,6 @@
-"""`minimind export gguf|ollama` (a model directory out to llama.cpp / Ollama) and `minimind import` (weights in
-from transformers or MiniMind's .pth). `minimind export gguf --model runs/x/model --out x.gguf --type q8_0`."""
+"""`minimind export gguf|ollama|lfm2-vl` (a model directory out to llama.cpp / Ollama / transformers' LFM2-VL) and
+`minimind import` (weights in from transformers or MiniMind's .pth).
+`minimind export gguf --model runs/x/model --out x.gguf --type q8_0`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,14 @@ def cmd_export_ollama(args: argparse.Namespace) -> None:
     print(f"create the Ollama model with:\n  {command}")
 
 
+def cmd_export_lfm2_vl(args: argparse.Namespace) -> None:
+    from minimind.export.lfm2_vl import export_lfm2_vl
+
+    out = export_lfm2_vl(args.model, args.out)
+    print(f"wrote {out}: Lfm2VlForConditionalGeneration (SigLIP tower, no remote code); load it with "
+          "transformers.AutoModelForImageTextToText.from_pretrained")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `export` and `import`."""
     export = sub.add_parser("export", help="export a model directory to GGUF (llama.cpp) or Ollama").add_subparsers(
@@ -51,6 +60,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", default="q8_0", choices=["f32", "f16", "q8_0"], help="weight storage in the GGUF")
     p.add_argument("--name", default=None, help="model name for Ollama (default: the model directory's name)")
     p.set_defaults(func=cmd_export_ollama)
+
+    p = export.add_parser("lfm2-vl", help="write a vision model as a transformers LFM2-VL directory (no remote code)",
+                          description="The same logits in transformers' Lfm2VlForConditionalGeneration: our SigLIP "
+                          "tower, projector and decoder (minimind/export/lfm2_vl.py says why LFM2-VL, not LLaVA).")
+    p.add_argument("--model", required=True, help="vision model directory")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_export_lfm2_vl)
     add_import_parser(sub)
 
 
@@ -59,11 +75,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     if args.use_moe is not None:
         overrides["use_moe"] = bool(args.use_moe)
     out = import_model(args.src, args.out, tokenizer=args.tokenizer, preset=args.preset, dtype=args.dtype,
-                       rope_scaling=args.rope_scaling, **overrides)
+                       rope_scaling=args.rope_scaling, vision_encoder=args.vision_encoder, **overrides)
     cfg = ModelConfig.load(out)
+    vision = ", plus a vision encoder and projector" if args.vision_encoder else ""
     print(f"imported {args.src} -> {out}: {cfg.model_type}, {cfg.num_parameters():,} parameters "
           f"(d={cfg.hidden_size}, {cfg.num_hidden_layers} layers" + (f", {cfg.num_experts} experts" if cfg.use_moe
-                                                                     else "") + ")")
+                                                                     else "") + ")" + vision)
 
 
 def add_import_parser(sub: argparse._SubParsersAction) -> None:
@@ -77,6 +94,8 @@ def add_import_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model directory (written atomically)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (required when SRC has no tokenizer.json)")
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES, help="convert the weights (default: as stored)")
+    p.add_argument("--vision-encoder", default=None, help="MiniMind-V's .pth only: the transformers directory of its "
+                   "vision encoder (SigLIP or CLIP, e.g. siglip2-base-p32-256-ve), whose weights the .pth leaves out")
     add_rope_scaling_flag(p, "the RoPE scaling written to config.json, for SRC of either kind")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help=".pth only: base config (default: minimind-3, or minimind2/-small/-moe without q/k-norm)")

@@ -374,11 +374,19 @@ def check_file(path: str | Path, kind: str | None = None, tokenizer: Any = None,
         if tokenizer is not None:
             lengths.append(row_tokens(tokenizer, row, kind))
     report.bad, report.n_bad = list(bad), bad.count
-    if lengths:
-        a = np.frombuffer(lengths, dtype=np.int64)
-        report.tokens = TokenStats(int(a.min()), float(a.mean()), float(np.median(a)),
-                                   float(np.percentile(a, 95)), int(a.max()), int(a.sum()))
+    report.tokens = token_stats(np.frombuffer(lengths, dtype=np.int64))
     return report
+
+
+def token_stats(lengths: Any) -> TokenStats | None:
+    """Statistics of tokens per row (an int64 array), or None for no rows."""
+    import numpy as np
+
+    a = np.asarray(lengths, dtype=np.int64)
+    if not len(a):
+        return None
+    return TokenStats(int(a.min()), float(a.mean()), float(np.median(a)), float(np.percentile(a, 95)),
+                      int(a.max()), int(a.sum()))
 
 
 def format_report(report: CheckReport) -> str:

@@ -8,14 +8,17 @@ decoding of a batch of left-padded prompts, stop tokens and stop strings, and st
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from minimind import MiniMindError
-from minimind.model import MiniMindForCausalLM
+from minimind.model import KVCache, MiniMindForCausalLM
 
 # What a model directory's generation_config.json says when we write it (checkpoint.save_model): MiniMind's own
 # chat defaults. Every front end (CLI, API, web page, Ollama export) starts from the model's file, as
@@ -227,12 +230,58 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids, mask
 
 
+log = logging.getLogger("minimind.generation")
+# One compiled wrapper for every model: Dynamo keys its cache on the code object and guards on the model and
+# the shapes, so each (model, batch, cache length) compiles once per process; Inductor's on-disk cache
+# (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) makes later processes' compiles much cheaper.
+_compiled_step = None
+_compiled_shapes: set = set()
+
+
+def cache_length(needed: int, limit: int, compile: bool) -> int:
+    """Positions to preallocate. A compiled step is specialised to its shapes, so round up to a power of two
+    (at least 128, at most the context): a new prompt length then rarely means a new compile."""
+    if not compile:
+        return needed
+    return min(limit, max(128, 1 << (needed - 1).bit_length()))
+
+
+def step_fn(model: MiniMindForCausalLM, cache: KVCache, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`step(tokens [B]) -> logits [B, V]`: model.decode_step on this cache (after its prefill), compiled by
+    torch.compile (Inductor, static shapes) when `compile`. The first step of a new shape logs its compile
+    time."""
+    global _compiled_step
+    pos = torch.tensor([cache.length], device=cache.k.device)
+    fn = model.decode_step
+    if compile:
+        if _compiled_step is None:
+            torch._dynamo.config.recompile_limit = 64  # one entry per (model, batch, cache length)
+            _compiled_step = torch.compile(MiniMindForCausalLM.decode_step, dynamic=False)
+        fn = partial(_compiled_step, model)
+    key = (id(model), tuple(cache.k.shape), cache.k.dtype) if compile else None
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        logits = fn(tokens, cache.k, cache.v, cache.valid, pos, cache.next_pos)
+        cache.length += 1
+        if key is not None and key not in _compiled_shapes:
+            _compiled_shapes.add(key)
+            log.info("compiled the decode step for batch %d x %d cached positions in %.1f s (once per shape "
+                     "and process; --no-compile turns it off)", cache.k.shape[1], cache.k.shape[3],
+                     time.perf_counter() - start)
+        return logits
+
+    return step
+
+
 @torch.inference_mode()
 def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
-           use_cache: bool = True) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, compile: bool | None = None) -> Iterator[torch.Tensor]:
     """The decoding loop: yields one new token per row per step ([B] tensor), finished rows included
-    (the caller decides when a row is done and stops iterating when all are). With use_cache=False every
-    step recomputes the whole sequence, which tests use as the reference."""
+    (the caller decides when a row is done and stops iterating when all are). Steps after the prefill run
+    model.decode_step over a preallocated cache, compiled if `compile` (None: the model's `compile_decode`,
+    which load_for_inference sets). With use_cache=False every step recomputes the whole sequence, which
+    tests use as the reference."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.model.embed_tokens.weight.device
@@ -245,18 +294,22 @@ def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[Sa
                          f"context of {limit} tokens")
     sampler = Sampler(params, cfg.vocab_size, device)
     sampler.observe(ids, mask)
-    cache = model.new_cache(len(prompts), ids.shape[1] + steps) if use_cache else None
-    out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+    compile = getattr(model, "compile_decode", False) if compile is None else compile
+    cache = None
+    if use_cache:
+        cache = model.new_cache(len(prompts), cache_length(ids.shape[1] + steps, limit, compile))
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    step = step_fn(model, cache, compile) if cache is not None else None
     for _ in range(steps):
-        token = sampler(out.logits[:, -1])
+        token = sampler(logits)
         yield token
         sampler.observe(token[:, None])
-        if cache is not None:
-            out = model(token[:, None], cache=cache, logits_to_keep=1)
+        if step is not None:
+            logits = step(token)
         else:
             ids = torch.cat([ids, token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
-            out = model(ids, attention_mask=mask, logits_to_keep=1)
+            logits = model(ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
 
 
 def stop_token_ids(model: MiniMindForCausalLM, tokenizer) -> set[int]:
@@ -303,9 +356,9 @@ class RowState:
 
 def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
                   params: SamplingParams | list[SamplingParams], results: list[Completion],
-                  use_cache: bool = True) -> Iterator[tuple[int, str]]:
+                  use_cache: bool = True, compile: bool | None = None) -> Iterator[tuple[int, str]]:
     """Batched generation as a stream of (row, text piece) events; `results` (one Completion per prompt)
-    is filled in as it goes: token ids, text and finish_reason."""
+    is filled in as it goes: token ids, text and finish_reason. `compile`: see decode()."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     if len(params) != len(prompts) or len(results) != len(prompts):
         raise ValueError("give one SamplingParams (or one for all) and one Completion per prompt")
@@ -315,7 +368,7 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
         r.prompt_tokens = len(p)
     if not any(row.active for row in rows):
         return
-    for tokens in decode(model, prompts, params, use_cache):
+    for tokens in decode(model, prompts, params, use_cache, compile):
         for i, t in enumerate(tokens.tolist()):
             if rows[i].active:
                 for piece in rows[i].feed(t):
@@ -326,10 +379,10 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
 
 def generate(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
              params: SamplingParams | list[SamplingParams] | None = None, use_cache: bool = True,
-             ) -> list[Completion]:
+             compile: bool | None = None) -> list[Completion]:
     """Generate for a batch of prompts (lists of token ids); returns one Completion per prompt."""
     results = [Completion() for _ in prompts]
-    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache):
+    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache, compile):
         pass
     return results
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -246,32 +246,28 @@ def cache_length(needed: int, limit: int, compile: bool) -> int:
     return min(limit, max(128, 1 << (needed - 1).bit_length()))
 
 
-def step_fn(model: MiniMindForCausalLM, cache: KVCache, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`step(tokens [B]) -> logits [B, V]`: model.decode_step on this cache (after its prefill), compiled by
-    torch.compile (Inductor, static shapes) when `compile`. The first step of a new shape logs its compile
-    time."""
+def fixed_step(model: MiniMindForCausalLM, cache: KVCache, tokens: torch.Tensor, compile: bool) -> torch.Tensor:
+    """Logits [B, V] after feeding tokens [B] (one per cache row) at the cache's next position: model.decode_step
+    over the whole preallocated cache, compiled by torch.compile (Inductor, static shapes) when `compile`.
+    The first step of a new shape logs its compile time."""
     global _compiled_step
-    pos = torch.tensor([cache.length], device=cache.k.device)
     fn = model.decode_step
     if compile:
         if _compiled_step is None:
             torch._dynamo.config.recompile_limit = 64  # one entry per (model, batch, cache length)
             _compiled_step = torch.compile(MiniMindForCausalLM.decode_step, dynamic=False)
         fn = partial(_compiled_step, model)
-    key = (id(model), tuple(cache.k.shape), cache.k.dtype) if compile else None
-
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        logits = fn(tokens, cache.k, cache.v, cache.valid, pos, cache.next_pos)
-        cache.length += 1
-        if key is not None and key not in _compiled_shapes:
-            _compiled_shapes.add(key)
-            log.info("compiled the decode step for batch %d x %d cached positions in %.1f s (once per shape "
-                     "and process; --no-compile turns it off)", cache.k.shape[1], cache.k.shape[3],
-                     time.perf_counter() - start)
-        return logits
-
-    return step
+    key = (id(model), tuple(cache.k.shape), cache.k.dtype)
+    start = time.perf_counter()
+    logits = fn(tokens, cache.k, cache.v, cache.valid, torch.tensor([cache.length], device=cache.k.device),
+                cache.next_pos)
+    cache.length += 1
+    if compile and key not in _compiled_shapes:
+        _compiled_shapes.add(key)
+        log.info("compiled the decode step for batch %d x %d cached positions in %.1f s (once per shape and "
+                 "process; --no-compile turns it off)", cache.k.shape[1], cache.k.shape[3],
+                 time.perf_counter() - start)
+    return logits
 
 
 @torch.inference_mode()
@@ -299,13 +295,12 @@ def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[Sa
     if use_cache:
         cache = model.new_cache(len(prompts), cache_length(ids.shape[1] + steps, limit, compile))
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
-    step = step_fn(model, cache, compile) if cache is not None else None
     for _ in range(steps):
         token = sampler(logits)
         yield token
         sampler.observe(token[:, None])
-        if step is not None:
-            logits = step(token)
+        if cache is not None:
+            logits = fixed_step(model, cache, token, compile)
         else:
             ids = torch.cat([ids, token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)

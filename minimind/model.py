@@ -116,6 +116,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
+        self.rows = batch  # rows in use; pad_to may add idle rows after them
         self.has_padding = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +134,19 @@ class KVCache:
         index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         self.k, self.v = self.k[:, index], self.v[:, index]
         self.valid, self.next_pos = self.valid[index], self.next_pos[index]
+        self.rows = len(rows)
         self._relayout(self.length, self.max_len)
 
     def join(self, other: KVCache, extra: int = 0) -> None:
         """Append the rows of `other`, right-aligned with ours; keep room for `extra` more positions."""
+        for cache in (self, other):
+            if cache.k.shape[1] > cache.rows:
+                cache.keep(list(range(cache.rows)))  # idle rows from pad_to go first
         length = max(self.length, other.length)
         parts = [self._aligned(length, length + extra), other._aligned(length, length + extra)]
         self.k, self.v, self.valid = (torch.cat([a[i] for a in parts], 1 if i < 2 else 0) for i in range(3))
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.rows += other.rows
         self.length, self.max_len = length, length + extra
         self._relayout(self.length, self.max_len)
 
@@ -150,6 +156,19 @@ class KVCache:
         if self.length + n > self.max_len:
             grown = self.length + n + chunk - 1
             self._relayout(self.length, grown - grown % chunk)
+
+    def pad_to(self, batch: int, max_len: int) -> None:
+        """Fixed shapes for a compiled decode step: `batch` rows (idle ones after the rows in use: every
+        position valid, so their attention stays finite; nobody reads them) and max_len positions."""
+        idle = batch - self.k.shape[1]
+        if idle > 0:
+            zeros = self.k.new_zeros(self.k.shape[0], idle, *self.k.shape[2:])
+            self.k, self.v = torch.cat([self.k, zeros], 1), torch.cat([self.v, zeros], 1)
+            self.valid = torch.cat([self.valid, self.valid.new_ones(idle, self.max_len)])
+            self.next_pos = torch.cat([self.next_pos, self.next_pos.new_zeros(idle)])
+        if max_len > self.max_len:
+            k, v, valid = self._aligned(self.length, max_len)
+            self.k, self.v, self.valid, self.max_len = k, v, valid, max_len
 
     def _aligned(self, length: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v and valid re-laid so our `self.length` positions end at `length`, with room for max_len."""
@@ -165,7 +184,7 @@ class KVCache:
 
     def _relayout(self, length: int, max_len: int) -> None:
         """Drop leading positions that are padding in every row; hold max_len positions in all."""
-        used = self.valid[:, :length].any(0)
+        used = self.valid[:self.rows, :length].any(0)  # idle rows (pad_to) use nothing
         start = int(used.long().argmax()) if bool(used.any()) else length
         if start == 0 and max_len == self.max_len:
             self.has_padding = not bool(self.valid[:, :length].all())

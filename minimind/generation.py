@@ -258,6 +258,9 @@ def fixed_step(model: MiniMindForCausalLM, cache: KVCache, tokens: torch.Tensor,
             _compiled_step = torch.compile(MiniMindForCausalLM.decode_step, dynamic=False)
         fn = partial(_compiled_step, model)
     key = (id(model), tuple(cache.k.shape), cache.k.dtype)
+    if compile and key not in _compiled_shapes:
+        log.info("compiling the decode step for batch %d x %d cached positions (about a minute on a small CPU the "
+                 "first time, seconds once Inductor's disk cache has it)", cache.k.shape[1], cache.k.shape[3])
     start = time.perf_counter()
     logits = fn(tokens, cache.k, cache.v, cache.valid, torch.tensor([cache.length], device=cache.k.device),
                 cache.next_pos)

@@ -53,7 +53,7 @@ def test_fixed_shape_step_equals_the_growing_cache(name):
             b = model.decode_step(token, fixed.k, fixed.v, fixed.valid, pos, fixed.next_pos)
             torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
         assert int(pos) == 14 and fixed.next_pos.tolist() == [11, 14]
-        reference = generate(model, None, PROMPTS, GREEDY, use_cache=False)
+        reference = generate(model, None, PROMPTS, GREEDY, compile=False)  # test_generation checks it vs no cache
         model.fuse_projections()
         assert not hasattr(model.model.layers[0].self_attn, "q_proj")
         fused = generate(model, None, PROMPTS, GREEDY, compile=False)

@@ -71,6 +71,7 @@ class LlamaCpp:
         import llama_cpp as L
 
         self.L = L
+        L.llama_backend_init()
         mparams = L.llama_model_default_params()
         mparams.use_extra_bufts = False  # ggml's AMX repack dies with SIGILL on these CPUs (DESIGN.md section 5)
         self.model = L.llama_model_load_from_file(str(path).encode(), mparams)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from minimind import MiniMindError, __version__
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides"):  # only `train` takes free --key value settings
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = extra
+    if getattr(args, "compile", False):  # say on stderr what the first tokens wait for (compile times)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("minimind: %(message)s"))
+        logging.getLogger("minimind.generation").addHandler(handler)
+        logging.getLogger("minimind.generation").setLevel(logging.INFO)
     try:
         args.func(args)
     except MiniMindError as e:

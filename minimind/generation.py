@@ -8,14 +8,17 @@ decoding of a batch of left-padded prompts, stop tokens and stop strings, and st
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from minimind import MiniMindError
-from minimind.model import MiniMindForCausalLM
+from minimind.model import KVCache, MiniMindForCausalLM
 
 # What a model directory's generation_config.json says when we write it (checkpoint.save_model): MiniMind's own
 # chat defaults. Every front end (CLI, API, web page, Ollama export) starts from the model's file, as
@@ -227,13 +230,59 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids, mask
 
 
+log = logging.getLogger("minimind.generation")
+# One compiled wrapper for every model: Dynamo keys its cache on the code object and guards on the model and
+# the shapes, so each (model, batch, cache length) compiles once per process; Inductor's on-disk cache
+# (TORCHINDUCTOR_CACHE_DIR, default /tmp/torchinductor_$USER) makes later processes' compiles much cheaper.
+_compiled_step = None
+_compiled_shapes: set = set()
+
+
+def cache_length(needed: int, limit: int, compile: bool) -> int:
+    """Positions to preallocate. A compiled step is specialised to its shapes, so round up to a power of two
+    (at least 128, at most the context): a new prompt length then rarely means a new compile."""
+    if not compile:
+        return needed
+    return min(limit, max(128, 1 << (needed - 1).bit_length()))
+
+
+def fixed_step(model: MiniMindForCausalLM, cache: KVCache, tokens: torch.Tensor, compile: bool) -> torch.Tensor:
+    """Logits [B, V] after feeding tokens [B] (one per cache row) at the cache's next position: model.decode_step
+    over the whole preallocated cache, compiled by torch.compile (Inductor, static shapes) when `compile`.
+    The first step of a new shape logs its compile time."""
+    global _compiled_step
+    fn = model.decode_step
+    if compile:
+        if _compiled_step is None:
+            torch._dynamo.config.recompile_limit = 64  # one entry per (model, batch, cache length)
+            _compiled_step = torch.compile(MiniMindForCausalLM.decode_step, dynamic=False)
+        fn = partial(_compiled_step, model)
+    key = (id(model), tuple(cache.k.shape), cache.k.dtype)
+    if compile and key not in _compiled_shapes:
+        log.info("compiling the decode step for batch %d x %d cached positions (about a minute on a small CPU the "
+                 "first time, seconds once Inductor's disk cache has it)", cache.k.shape[1], cache.k.shape[3])
+    start = time.perf_counter()
+    logits = fn(tokens, cache.k, cache.v, cache.valid, torch.tensor([cache.length], device=cache.k.device),
+                cache.next_pos)
+    cache.length += 1
+    if compile and key not in _compiled_shapes:
+        _compiled_shapes.add(key)
+        log.info("compiled the decode step for batch %d x %d cached positions in %.1f s (once per shape and "
+                 "process; --no-compile turns it off)", cache.k.shape[1], cache.k.shape[3],
+                 time.perf_counter() - start)
+    return logits
+
+
 @torch.inference_mode()
 def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[SamplingParams],
-           use_cache: bool = True, images: dict | None = None) -> Iterator[torch.Tensor]:
+           use_cache: bool = True, compile: bool | None = None, images: dict | None = None
+           ) -> Iterator[torch.Tensor]:
     """The decoding loop: yields one new token per row per step ([B] tensor), finished rows included
-    (the caller decides when a row is done and stops iterating when all are). With use_cache=False every
-    step recomputes the whole sequence, which tests use as the reference. `images` goes to every forward over
-    the whole prompt (a VisionLanguageModel's pixel_values and image_counts); cached steps need no images."""
+    (the caller decides when a row is done and stops iterating when all are). Steps after the prefill run
+    model.decode_step over a preallocated cache, compiled if `compile` (None: the model's `compile_decode`,
+    which load_for_inference sets). With use_cache=False every step recomputes the whole sequence, which
+    tests use as the reference. `images` goes to every forward over the whole prompt (a VisionLanguageModel's
+    pixel_values and image_counts); cached steps need no images."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.model.embed_tokens.weight.device
@@ -246,19 +295,22 @@ def decode(model: MiniMindForCausalLM, prompts: list[list[int]], params: list[Sa
                          f"context of {limit} tokens")
     sampler = Sampler(params, cfg.vocab_size, device)
     sampler.observe(ids, mask)
-    cache = model.new_cache(len(prompts), ids.shape[1] + steps) if use_cache else None
+    compile = getattr(model, "compile_decode", False) if compile is None else compile
     images = images or {}
-    out = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, **images)
+    cache = None
+    if use_cache:
+        cache = model.new_cache(len(prompts), cache_length(ids.shape[1] + steps, limit, compile))
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, **images).logits[:, -1]
     for _ in range(steps):
-        token = sampler(out.logits[:, -1])
+        token = sampler(logits)
         yield token
         sampler.observe(token[:, None])
         if cache is not None:
-            out = model(token[:, None], cache=cache, logits_to_keep=1)
+            logits = fixed_step(model, cache, token, compile)
         else:
             ids = torch.cat([ids, token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(token[:, None])], 1)
-            out = model(ids, attention_mask=mask, logits_to_keep=1, **images)
+            logits = model(ids, attention_mask=mask, logits_to_keep=1, **images).logits[:, -1]
 
 
 def stop_token_ids(model: MiniMindForCausalLM, tokenizer) -> set[int]:
@@ -305,9 +357,10 @@ class RowState:
 
 def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
                   params: SamplingParams | list[SamplingParams], results: list[Completion],
-                  use_cache: bool = True, images: dict | None = None) -> Iterator[tuple[int, str]]:
+                  use_cache: bool = True, compile: bool | None = None,
+                  images: dict | None = None) -> Iterator[tuple[int, str]]:
     """Batched generation as a stream of (row, text piece) events; `results` (one Completion per prompt)
-    is filled in as it goes: token ids, text and finish_reason. `images`: see decode."""
+    is filled in as it goes: token ids, text and finish_reason. `compile`, `images`: see decode()."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     if len(params) != len(prompts) or len(results) != len(prompts):
         raise ValueError("give one SamplingParams (or one for all) and one Completion per prompt")
@@ -317,7 +370,7 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
         r.prompt_tokens = len(p)
     if not any(row.active for row in rows):
         return
-    for tokens in decode(model, prompts, params, use_cache, images):
+    for tokens in decode(model, prompts, params, use_cache, compile, images):
         for i, t in enumerate(tokens.tolist()):
             if rows[i].active:
                 for piece in rows[i].feed(t):
@@ -328,11 +381,12 @@ def generate_iter(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]
 
 def generate(model: MiniMindForCausalLM, tokenizer, prompts: list[list[int]],
              params: SamplingParams | list[SamplingParams] | None = None, use_cache: bool = True,
-             images: dict | None = None) -> list[Completion]:
+             compile: bool | None = None, images: dict | None = None) -> list[Completion]:
     """Generate for a batch of prompts (lists of token ids); returns one Completion per prompt. A vision model
     takes images={"pixel_values": [N, 3, S, S], "image_counts": [B]} for the prompts' image pads."""
     results = [Completion() for _ in prompts]
-    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache, images):
+    for _ in generate_iter(model, tokenizer, prompts, params or SamplingParams(), results, use_cache, compile,
+                           images):
         pass
     return results
 

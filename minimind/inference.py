@@ -17,14 +17,16 @@ from minimind.tokenizer import load_tokenizer
 
 def load_for_inference(model_dir: str | Path, lora: str | Path | None = None, device: str = "auto",
                        dtype: str = "auto", quantize: str | None = "none",
-                       rope_scaling: str | None = None) -> tuple[Any, Any]:
-    """The model of `model_dir` (with the LoRA adapter `lora` folded in, then quantised by `quantize`) on
-    `device` in `dtype`, and its tokenizer. rope_scaling ("yarn", "none") overrides config.json's."""
+                       rope_scaling: str | None = None, compile: bool = False) -> tuple[Any, Any]:
+    """The model of `model_dir` (with the LoRA adapter `lora` folded in, q/k/v and gate/up fused, then
+    quantised by `quantize`) on `device` in `dtype`, and its tokenizer. rope_scaling ("yarn", "none")
+    overrides config.json's. compile=True makes generation compile its decode step (generation.decode)."""
     dev = pick_device(device)
     model = load_model(model_dir, device=dev, dtype=pick_dtype(dtype, dev), rope_scaling=rope_scaling)
     if lora:
         model = load_adapter(model, lora, merge=True)  # folded in: decoding costs nothing extra
-    model = apply_quantization(model, quantize)
+    model = apply_quantization(model.eval().fuse_projections(), quantize)
+    model.compile_decode = compile
     tokenizer = load_tokenizer(model_dir)
     if len(tokenizer) > model.config.vocab_size:
         raise MiniMindError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size "

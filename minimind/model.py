@@ -116,6 +116,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.max_len = max_len
+        self.rows = batch  # rows in use; pad_to may add idle rows after them
         self.has_padding = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +134,19 @@ class KVCache:
         index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         self.k, self.v = self.k[:, index], self.v[:, index]
         self.valid, self.next_pos = self.valid[index], self.next_pos[index]
+        self.rows = len(rows)
         self._relayout(self.length, self.max_len)
 
     def join(self, other: KVCache, extra: int = 0) -> None:
         """Append the rows of `other`, right-aligned with ours; keep room for `extra` more positions."""
+        for cache in (self, other):
+            if cache.k.shape[1] > cache.rows:
+                cache.keep(list(range(cache.rows)))  # idle rows from pad_to go first
         length = max(self.length, other.length)
         parts = [self._aligned(length, length + extra), other._aligned(length, length + extra)]
         self.k, self.v, self.valid = (torch.cat([a[i] for a in parts], 1 if i < 2 else 0) for i in range(3))
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.rows += other.rows
         self.length, self.max_len = length, length + extra
         self._relayout(self.length, self.max_len)
 
@@ -150,6 +156,19 @@ class KVCache:
         if self.length + n > self.max_len:
             grown = self.length + n + chunk - 1
             self._relayout(self.length, grown - grown % chunk)
+
+    def pad_to(self, batch: int, max_len: int) -> None:
+        """Fixed shapes for a compiled decode step: `batch` rows (idle ones after the rows in use: every
+        position valid, so their attention stays finite; nobody reads them) and max_len positions."""
+        idle = batch - self.k.shape[1]
+        if idle > 0:
+            zeros = self.k.new_zeros(self.k.shape[0], idle, *self.k.shape[2:])
+            self.k, self.v = torch.cat([self.k, zeros], 1), torch.cat([self.v, zeros], 1)
+            self.valid = torch.cat([self.valid, self.valid.new_ones(idle, self.max_len)])
+            self.next_pos = torch.cat([self.next_pos, self.next_pos.new_zeros(idle)])
+        if max_len > self.max_len:
+            k, v, valid = self._aligned(self.length, max_len)
+            self.k, self.v, self.valid, self.max_len = k, v, valid, max_len
 
     def _aligned(self, length: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v and valid re-laid so our `self.length` positions end at `length`, with room for max_len."""
@@ -165,7 +184,7 @@ class KVCache:
 
     def _relayout(self, length: int, max_len: int) -> None:
         """Drop leading positions that are padding in every row; hold max_len positions in all."""
-        used = self.valid[:, :length].any(0)
+        used = self.valid[:self.rows, :length].any(0)  # idle rows (pad_to) use nothing
         start = int(used.long().argmax()) if bool(used.any()) else length
         if start == 0 and max_len == self.max_len:
             self.has_padding = not bool(self.valid[:, :length].all())
@@ -180,6 +199,19 @@ class KVCache:
         self.k, self.v, self.valid = k, v, valid
         self.length, self.max_len = length - start, max_len
         self.has_padding = not bool(self.valid[:, :self.length].all())
+
+
+class _CacheSlot:
+    """KVCache.update's stand-in inside decode_step: writes one position at tensor index `pos`, returns the
+    whole layer (fixed shape; the mask hides what is not filled yet)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        self.k, self.v, self.pos = k, v, pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer]
 
 
 # ---- blocks -------------------------------------------------------------------------------------
@@ -200,13 +232,27 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
+        self.qkv_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """For inference: q, k and v become one projection (one matmul, one weight read per token)."""
+        weights = [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]
+        w = torch.cat(weights)
+        self.qkv_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.qkv_proj.weight.data.copy_(w)
+        self.split = [x.shape[0] for x in weights]
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -232,8 +278,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, hidden, bias=False)
         self.up_proj = nn.Linear(d, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.gate_up_proj: nn.Linear | None = None
+
+    def fuse(self) -> None:
+        """For inference: gate and up become one projection (one matmul, one weight read per token)."""
+        w = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        self.gate_up_proj = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        self.gate_up_proj.weight.data.copy_(w)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -332,6 +389,14 @@ class MiniMindForCausalLM(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=self.config.initializer_range)
 
+    def fuse_projections(self) -> MiniMindForCausalLM:
+        """For inference only (state-dict names change): fuse q/k/v and gate/up in every layer and expert, so
+        decoding runs one matmul where it ran three and two. Same outputs up to matmul rounding. Returns self."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP)):
+                m.fuse()
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # shared (tied) tensors are counted once
 
@@ -395,6 +460,26 @@ class MiniMindForCausalLM(nn.Module):
         if labels is not None:
             loss = -token_logprobs(logits, labels).sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_total)
+
+    def decode_step(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                    pos: torch.Tensor, next_pos: torch.Tensor) -> torch.Tensor:
+        """One decoding step whose shapes never change, so a compiled step replays for every token: tokens [B]
+        go in at cache position `pos` ([1], long) and RoPE positions next_pos [B]; attention reads all of the
+        preallocated cache k, v [L, B, H, S, D] under a mask (positions <= pos that `valid` [B, S] allows)
+        instead of a slice that grows. Writes k, v in place and advances pos and next_pos; returns logits
+        [B, V]. The same arithmetic as forward() with a KVCache (tests hold them equal), only no Python int
+        depends on the position."""
+        slot = _CacheSlot(k, v, pos)
+        keys = torch.arange(valid.shape[1], device=valid.device)
+        mask = (valid & (keys <= pos))[:, None, None, :]
+        x = self.model.embed_tokens(tokens[:, None])
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = self.model.rotary(next_pos[:, None], dtype)
+        for block in self.model.layers:
+            x, _ = block(x, cos, sin, mask, False, slot)
+        pos.add_(1)
+        next_pos.add_(1)
+        return self.lm_head(self.model.norm(x))[:, 0]
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int,

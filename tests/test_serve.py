@@ -180,9 +180,17 @@ def test_stream_parser_deltas_add_up_to_parse_assistant(thinking):
             assert [c["index"] for c in got["tool_calls"]] == list(range(len(want["tool_calls"])))
 
 
-def test_continuous_batching_decodes_each_row_as_if_alone():
+@pytest.mark.parametrize("mode", ["eager", "slots", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_continuous_batching_decodes_each_row_as_if_alone(mode, monkeypatch):
     """Requests join a running batch at different steps and leave at different lengths; greedy rows must
-    equal single-request decoding token for token, and seeded sampled rows must not depend on the company."""
+    equal single-request decoding token for token, and seeded sampled rows must not depend on the company.
+    "slots": the compiled path's fixed batch slots and cache lengths, its step run eagerly (compiles are slow)."""
+    if mode == "slots":
+        from minimind import generation
+        from minimind.serve import scheduler
+
+        monkeypatch.setattr(scheduler, "fixed_step", lambda model, cache, tokens, compile: generation.fixed_step(
+            model, cache, tokens, False))
     torch.manual_seed(0)
     model = small_model("qwen3", seed=3)
     model.config.eos_token_id = -1  # never stop early: every row runs to its own length
@@ -192,7 +200,7 @@ def test_continuous_batching_decodes_each_row_as_if_alone():
                              seed=i) for i in range(len(prompts))]
     alone = [generate(model, None, [p], sp)[0].token_ids for p, sp in zip(prompts, params)]
 
-    sched = Scheduler(model, None, max_batch=5, max_queue=16)  # fewer slots than requests: some must wait
+    sched = Scheduler(model, None, max_batch=5, max_queue=16, compile=mode != "eager")  # fewer slots than requests
     done = threading.Event()
     finished = []
 
@@ -207,7 +215,7 @@ def test_continuous_batching_decodes_each_row_as_if_alone():
     jobs = [sched.submit(p, [sp], emit) for p, sp in zip(prompts, params)]
     sched.start()
     try:
-        assert done.wait(60)
+        assert done.wait(60 if mode != "compiled" else 900)
     finally:
         sched.stop()
     assert [j.results[0].token_ids for j in jobs] == alone

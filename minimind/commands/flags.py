@@ -23,8 +23,9 @@ def add_rope_scaling_flag(p: argparse.ArgumentParser, what: str) -> None:
                    action="store_const", const="yarn", help="the same as --rope-scaling yarn (MiniMind's flag)")
 
 
-def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The flags that pick and load a model for inference (chat, generate, eval, serve, webui)."""
+def add_model_flags(p: argparse.ArgumentParser, required: bool = True, compile: bool = False) -> None:
+    """The flags that pick and load a model for inference (chat, generate, eval, serve, webui); `compile` is
+    the command's default for --compile."""
     p.add_argument("--model", required=required, help="model directory (config.json, model.safetensors, tokenizer)")
     p.add_argument("--lora", default=None, help="a LoRA adapter directory (PEFT layout) to apply to the model")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
@@ -33,6 +34,11 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: weight-only int8 with bf16 activations, the fastest batch-1 decoding on a CPU")
     add_rope_scaling_flag(p, "override the model's RoPE scaling")
+    # Off by default for one-shot commands: a cold compile costs 40-70 s on a small CPU before the first token
+    # (a few seconds once Inductor's on-disk cache is warm), which a quick chat never earns back.
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=compile,
+                   help="compile the decode step with torch.compile (fixed shapes, ~1 min the first time per "
+                        f"batch size and cache length, cached on disk; default: {'on' if compile else 'off'})")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -53,7 +59,8 @@ def load_model_from(args: argparse.Namespace) -> tuple[Any, Any]:
     from minimind.inference import load_for_inference
 
     return load_for_inference(args.model, lora=args.lora, device=args.device, dtype=args.dtype,
-                              quantize=args.quantize, rope_scaling=args.rope_scaling)
+                              quantize=args.quantize, rope_scaling=args.rope_scaling,
+                              compile=getattr(args, "compile", False))
 
 
 def check_chat(args: argparse.Namespace, tokenizer: Any, tools: Any = None) -> None:

@@ -31,12 +31,12 @@ class RolloutEngine(Protocol):
 class TorchEngine:
     """Samples from the live model in this process with minimind.generation (THE sampler and KV cache)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: torch.nn.Module, tokenizer, compile: bool | None = None) -> None:
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile  # compile: see generation.decode
         self.eos_id = model.config.eos_token_id
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        return generate(self.model, self.tokenizer, prompts, params)
+        return generate(self.model, self.tokenizer, prompts, params, compile=self.compile)
 
     def sync(self, model: torch.nn.Module) -> None:
         self.model = model  # same process, same weights: nothing to copy

@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minimind.generation import Completion, RowState, Sampler, SamplingParams, left_pad, stop_token_ids
+from minimind.generation import (
+    Completion,
+    RowState,
+    Sampler,
+    SamplingParams,
+    cache_length,
+    fixed_step,
+    left_pad,
+    stop_token_ids,
+)
 from minimind.model import KVCache, MiniMindForCausalLM
 
 log = logging.getLogger("minimind.serve")
@@ -73,12 +82,16 @@ class Scheduler:
 
     Rows share one KV cache (KVCache.join/keep/reserve); the requests that join at a step are prefilled
     together (left-padded) and then decode with the batch, padding masked, each row as if it were alone. Sampling
-    settings travel per row in THE Sampler (Sampler.extend/keep)."""
+    settings travel per row in THE Sampler (Sampler.extend/keep). With `compile` (None: the model's
+    compile_decode) each step runs generation's compiled fixed-shape step: the cache is padded to a power-of-two
+    number of rows (batch slots) and positions, so a handful of shapes serve every mix of requests."""
 
-    def __init__(self, model: MiniMindForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64) -> None:
+    def __init__(self, model: MiniMindForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 compile: bool | None = None) -> None:
         if max_batch < 1 or max_queue < 1:  # a queue of 0 would refuse every request
             raise ValueError("max_batch and max_queue must be >= 1")
         self.model, self.tokenizer = model, tokenizer
+        self.compile = getattr(model, "compile_decode", False) if compile is None else compile
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.model.embed_tokens.weight.device
         self.stops = stop_token_ids(model, tokenizer)
@@ -248,7 +261,17 @@ class Scheduler:
             self._fail([job], message)  # its rows left with `finished`
         if self.rows:
             self.cache.reserve(1)
-            self.logits = self.model(tokens[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
+            self.logits = self._forward(tokens)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [rows, V] after one token per row."""
+        if not self.compile:
+            return self.model(tokens[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
+        n, limit = len(tokens), self.model.config.max_position_embeddings
+        slots = min(1 << (n - 1).bit_length(), 1 << (self.max_batch - 1).bit_length())
+        self.cache.pad_to(slots, cache_length(self.cache.max_len, limit, True))
+        tokens = torch.cat([tokens, tokens.new_zeros(slots - n)])
+        return fixed_step(self.model, self.cache, tokens, True)[:n]
 
     def _sample(self) -> tuple[torch.Tensor, dict[int, str]]:
         """The next token of every row and {row: why} for the rows whose sampling failed. If the batch's

@@ -191,7 +191,7 @@ class GRPOStage(Stage):
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else nullcontext
         if self.cfg.kl_coef > 0:  # the frozen reference the KL term pulls towards
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        self.engine = TorchEngine(model, self.tokenizer)
+        self.engine = TorchEngine(model, self.tokenizer, compile=self.cfg.compile)  # --compile: rollouts too
         if self.cfg.reward_model:
             from minimind.train.reward import RewardModel
 

@@ -22,7 +22,7 @@ from minimind.device import pick_dtype
 from minimind.recipes.demo import FULL
 from minimind.tokenizer import load_tokenizer, train_tokenizer
 from minimind.train.config import TrainConfig
-from minimind.train.loop import Dist, evaluate, make_optimizer, train, train_step
+from minimind.train.loop import Dist, evaluate, make_optimizers, train, train_step
 from minimind.train.pretrain import PretrainStage
 
 
@@ -56,7 +56,8 @@ def val_losses(model_dir: Path, cfg: TrainConfig, val_data: Path) -> dict[str, f
         stage = PretrainStage(dataclasses.replace(cfg, doc_mask=mask), tokenizer)
         data = stage.dataset(str(val_data))
         with torch.no_grad():
-            out[name] = evaluate(model, stage, data, cfg, torch.device("cpu"), nullcontext(), Dist())
+            out[name] = evaluate(model, stage, data, cfg.eval_batches, 0, cfg, torch.device("cpu"), nullcontext(),
+                                 Dist())[0]
     return out
 
 
@@ -70,7 +71,7 @@ def speed_ratio(model_dir: Path, cfg: TrainConfig, steps: int) -> float:
     sides = {}
     for mask in (False, True):
         model = load_model(model_dir).train()
-        opt = make_optimizer(model, cfg, torch.device("cpu"))
+        opt = make_optimizers(model, cfg, torch.device("cpu"))
         sides[mask] = (model, opt, PretrainStage(dataclasses.replace(cfg, doc_mask=mask), tokenizer))
     for step in range(steps + 2):
         rows = [data[(step * cfg.batch_size + i) % len(data)] for i in range(cfg.batch_size)]

@@ -10,7 +10,8 @@ from pathlib import Path
 def cmd_demo(args: argparse.Namespace) -> None:
     from minimind.recipes.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, all_stages=args.all, seed=args.seed, time_budget=args.time_budget)
+    run_demo(Path(args.out), quick=args.quick, all_stages=args.all, seed=args.seed, time_budget=args.time_budget,
+             optimizer=args.optimizer)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true",
                    help="then LoRA, DPO, distillation and RL from the SFT model, each with its measured effect")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated data and of the training")
+    p.add_argument("--optimizer", choices=("muon", "adamw"), default=None,
+                   help="the optimizer of pretraining and SFT (default: muon, which the recipe is tuned for)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="fit pretraining and SFT to this many seconds on this machine instead of their fixed step "
                         "counts (the default, which trains the same everywhere)")

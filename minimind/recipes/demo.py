@@ -65,9 +65,10 @@ HELD_OUT_TEXT = {
 
 
 def run_demo(out: Path, quick: bool = False, all_stages: bool = False, seed: int = 0,
-             time_budget: float = 0.0) -> None:
+             time_budget: float = 0.0, optimizer: str | None = None) -> None:
     """seed: the data's and the training's (initial weights, batch order); time_budget: seconds for pretraining
-    and SFT together, fitted to this machine's speed, instead of the fixed step counts."""
+    and SFT together, fitted to this machine's speed, instead of the fixed step counts; optimizer: that of
+    pretraining and SFT instead of the recipe's."""
     size = QUICK if quick else FULL
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False, seed: int
     stage_time("tokenizer", t0)
 
     common = dict(batch_size=size["batch"], workers=1, progress=not quick, log_every=25 if not quick else 10,
-                  keep_last=1, seed=seed, optimizer=size["optimizer"])
+                  keep_last=1, seed=seed, optimizer=optimizer or size["optimizer"])
     steps = {stage: size[f"{stage}_steps"] * (TIME_BUDGET_CAP if time_budget else 1) for stage in BUDGET_SHARE}
     budget = {stage: share * time_budget for stage, share in BUDGET_SHARE.items()}
     say("\n## 3. Pretraining")

@@ -223,7 +223,7 @@ def test_cli_generate_and_chat_with_images_equal_local_generate(vision_dir, loca
                             [(tmp_path / i).read_bytes() for i in images])[1]
         assert capsys.readouterr().out == want.text + "\n"
     # chat: --image for the first message, /image for a later one; history keeps both images
-    lines = iter([q, f"/image {tmp_path / 'b.png'}", "And now?"])
+    lines = iter([q, "/image", f"/image {tmp_path / 'missing.png'}", f"/image {tmp_path / 'b.png'}", "And now?"])
 
     def fake_input(prompt=""):
         try:
@@ -238,7 +238,8 @@ def test_cli_generate_and_chat_with_images_equal_local_generate(vision_dir, loca
     first, first_result = local_answer(local, first_msgs, [png(1)])
     second, _ = local_answer(local, first_msgs + [{"role": "assistant", "content": first},
                                                   {"role": "user", "content": "<image>\nAnd now?"}], [png(1), png(2)])
-    assert "(image attached: 1 for the next message)" in out and "/image PATH" in out
+    assert "(image attached: 1 for the next message)" in out and "/image PATH attaches" in out
+    assert "[error: usage: /image PATH]" in out and "missing.png: no such file]" in out
     assert first_result.text.strip() and first in out and second in out and out.count("tokens/s]") == 2
 
 

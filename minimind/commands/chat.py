@@ -151,8 +151,11 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print("(conversation cleared)")
             continue
         try:
-            if line.startswith("/image "):
-                pending.append(attach(line[len("/image "):].strip()))
+            if line.split(maxsplit=1)[0] == "/image":
+                path = line.strip()[len("/image"):].strip()
+                if not path:
+                    raise MiniMindError("usage: /image PATH")
+                pending.append(attach(path))
                 print(f"(image attached: {len(pending)} for the next message)")
                 continue
             content = user_content(model, line, len(pending), "message")

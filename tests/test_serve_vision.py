@@ -264,7 +264,7 @@ def test_cli_image_errors_are_one_clear_line(args, message, vision_dir, tokenize
 
 @pytest.fixture(scope="module")
 def server(vision_dir):
-    proc, url = start_server(vision_dir, "--max-batch", "8")
+    proc, url = start_server(vision_dir, "--max-batch", "8", "--max-image-bytes", "30000")
     yield url
     proc.terminate()
     proc.wait(timeout=20)
@@ -325,3 +325,10 @@ def test_image_requests_through_the_openai_client(client, server, local):
         t.join(120)
     assert together == alone
     assert httpx.get(server + "/health").json()["peak_batch"] >= 2  # decoded together
+
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="over this server's limit of 30,000"):  # the flag reached it
+        ask([image_part(png(1, side=128)), q])
+    with pytest.raises(openai.BadRequestError, match="remote image URLs are refused"):
+        ask([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}, q])

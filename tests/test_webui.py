@@ -204,10 +204,13 @@ def test_chat_page_with_an_image_upload_in_chromium(tokenizer, tmp_path):
     (tmp_path / "a.png").write_bytes(png(1))
     want, _ = local_answer((load_model(tmp_path / "vlm"), tokenizer), [{"role": "user", "content": "<image>\nHi"}],
                            [png(1)])
-    server, api = start_server(tmp_path / "vlm")
-    page_proc, url = start_page(api + "/v1", max_tokens=GREEDY.max_new_tokens)
-    driver = chromium()
+    procs, driver = [], None
     try:
+        server, api = start_server(tmp_path / "vlm")
+        procs.append(server)
+        page_proc, url = start_page(api + "/v1", max_tokens=GREEDY.max_new_tokens)
+        procs.append(page_proc)
+        driver = chromium()
         driver.get(url)
         wait = WebDriverWait(driver, 90)
         upload = wait.until(ec.presence_of_element_located(
@@ -222,12 +225,14 @@ def test_chat_page_with_an_image_upload_in_chromium(tokenizer, tmp_path):
         assert want.strip() and " ".join(last_reply(driver).split()).endswith(" " + " ".join(want.split()))
         wait.until(lambda d: "a.png" not in d.find_element(By.CSS_SELECTOR, "[data-testid='stFileUploader']").text)
     except Exception:
-        driver.save_screenshot(str(tmp_path / "failed.png"))
-        print(f"page at failure: {tmp_path / 'failed.png'}\n{driver.find_element(By.TAG_NAME, 'body').text}")
+        if driver is not None:
+            driver.save_screenshot(str(tmp_path / "failed.png"))
+            print(f"page at failure: {tmp_path / 'failed.png'}\n{driver.find_element(By.TAG_NAME, 'body').text}")
         raise
     finally:
-        driver.quit()
-        for proc in (page_proc, server):
+        if driver is not None:
+            driver.quit()
+        for proc in procs:
             proc.terminate()
             try:
                 proc.wait(timeout=20)

@@ -187,6 +187,9 @@ def main() -> None:
         except Exception as e:  # the API is down or refused the request: say so on the page
             st.error(f"request failed: {e}")
             st.caption(json.dumps({"api": args.api}))
+            return
+    if upload is not None:  # draw the page again: the sidebar's uploader (a new key) is empty for the next image
+        st.rerun()
 
 
 if __name__ == "__main__":

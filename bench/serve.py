@@ -1,11 +1,15 @@
 """Serving throughput: aggregate generated tokens/s with 1, 4 and 16 concurrent streaming clients against one
 continuous-batching server, and against one-request-at-a-time serving (the same server code with --max-batch 1)
 in the same run, rounds interleaved; time to first token median and p95. `python bench/serve.py [--model DIR]`
+With --images: chat requests each carrying an image (a data URL), 1 and 8 concurrent clients batched against one
+at a time, on a vision model (default: the random preset around a random SigLIP2-base-sized tower, 256x256 p32).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import queue
 import statistics
@@ -50,6 +54,33 @@ def random_model_dir(out: Path, preset: str) -> Path:
     return out / preset
 
 
+def vision_model_dir(llm_dir: Path, out: Path, tower: str) -> Path:
+    """`llm_dir` with a random vision tower: "base" has MiniMind-V's SigLIP2-base-p32-256 sizes (86M, 64
+    patches of 768), "tiny" the from-scratch demo tower."""
+    from minimind.checkpoint import load_model, save_model
+    from minimind.tokenizer import load_tokenizer
+    from minimind.vision.config import tiny_encoder
+    from minimind.vision.model import VisionLanguageModel
+
+    encoder = tiny_encoder(image_size=256, patch_size=32, hidden_size=768, layers=12, heads=12) \
+        if tower == "base" else tiny_encoder()
+    save_model(VisionLanguageModel.from_llm(load_model(llm_dir), encoder).eval(), out, load_tokenizer(llm_dir))
+    return out
+
+
+def image_urls(n: int, side: int = 256) -> list[str]:
+    """n different random-pixel JPEGs (photo-like sizes, ~30 kB) as data URLs."""
+    import numpy as np
+    from PIL import Image
+
+    rng, urls = np.random.default_rng(0), []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
+        urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
 def start(model: Path, max_batch: int, dtype: str, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--port", str(port),
@@ -68,19 +99,25 @@ def start(model: Path, max_batch: int, dtype: str, threads: int) -> tuple[subpro
     raise RuntimeError("server did not start")
 
 
-def one_request(http: httpx.Client, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int]:
-    """Stream one completion; returns (time to first token, completion tokens)."""
-    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+def one_request(http: httpx.Client, url: str, prompt: list[int] | str, new_tokens: int) -> tuple[float, int]:
+    """Stream one completion (token ids), or one chat answer about an image (a data URL); returns (time to
+    first token, completion tokens)."""
+    body = {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
+    if isinstance(prompt, str):
+        route, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": prompt}}, {"type": "text", "text": "Describe the picture."}]}]
+    else:
+        route, body["prompt"] = "/v1/completions", prompt
     start, ttft, tokens = time.perf_counter(), None, 0
-    with http.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with http.stream("POST", url + route, json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             if ttft is None:
                 ttft = time.perf_counter() - start
-            if '"usage"' in line:  # only the last chunk: keep the client's own work small
+            if '"usage": {' in line:  # only the last chunk (others say null): keep the client's own work small
                 tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     return ttft or 0.0, tokens
 
@@ -130,16 +167,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (figures are medians)")
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"], help="served dtype")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: default)")
+    ap.add_argument("--images", action="store_true", help="image chat requests (--model: a vision model directory)")
+    ap.add_argument("--tower", default="base", choices=["base", "tiny"], help="the random tower for --images")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else random_model_dir(Path(tmp), args.preset)
+        if args.images and not args.model:
+            model = vision_model_dir(model, Path(tmp) / f"{args.preset}-v-{args.tower}", args.tower)
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(40, 6000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
+        prompts = image_urls(args.requests) if args.images else \
+            [torch.randint(40, 6000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
         servers = {"batched": start(model, 16, args.dtype, args.threads),
                    "one-at-a-time": start(model, 1, args.dtype, args.threads)}
         try:
-            configs = [("one-at-a-time", 16), ("batched", 1), ("batched", 4), ("batched", 16)]
+            configs = [("one-at-a-time", 8), ("batched", 1), ("batched", 8)] if args.images else \
+                [("one-at-a-time", 16), ("batched", 1), ("batched", 4), ("batched", 16)]
             with httpx.Client() as http:  # warm up both
                 for _, url in servers.values():
                     one_request(http, url, prompts[0], 4)
@@ -154,11 +197,12 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=30)
 
-    print(f"\n{model.name}, {args.dtype}, {args.requests} requests x ({args.prompt_len} prompt + {args.new_tokens} new "
+    what = "an image + a question" if args.images else f"{args.prompt_len} prompt"
+    print(f"\n{model.name}, {args.dtype}, {args.requests} requests x ({what} + {args.new_tokens} new "
           f"tokens), median of {args.rounds} interleaved rounds")
     print("| server | clients | aggregate tok/s | vs one-at-a-time | TTFT median (s) | TTFT p95 (s) |")
     print("|---|---|---|---|---|---|")
-    base = statistics.median(x["tok_s"] for x in runs[("one-at-a-time", 16)])
+    base = statistics.median(x["tok_s"] for x in runs[configs[0]])
     for (name, clients), res in runs.items():
         tok_s = statistics.median(x["tok_s"] for x in res)
         ttft = [t for x in res for t in x["ttft"]]

@@ -446,6 +446,18 @@ def _render(messages: Any, tools: Any, add_generation_prompt: bool, thinking: bo
     return "".join(parts), spans, marks
 
 
+def place_images(text: str, count: int) -> str:
+    """A user message's text for `count` attached images: as written when its `<image>` placeholders number
+    `count`; with none written, an `<image>` line per image before the text (MiniMind-V's `<image>\nquestion`).
+    ValueError when the placeholders written are neither none nor one per image."""
+    written = text.count(IMAGE)
+    if written == count:
+        return text
+    if written == 0:
+        return f"{IMAGE}\n" * count + text
+    raise ValueError(f"the message has {written} {IMAGE} placeholder(s) for {count} image(s)")
+
+
 def render(messages: Any, tools: Any = None, add_generation_prompt: bool = False,
            enable_thinking: bool | None = None, open_thinking: bool | None = None,
            chat_format: str = "minimind-3", thinks_by_default: bool = False) -> str:

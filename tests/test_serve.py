@@ -687,13 +687,18 @@ def test_thinking_flags_must_be_booleans(client):
 
 
 def test_content_part_lists_are_their_text(client):
-    """OpenAI content-part lists: the text parts joined, other parts left out; the same answer as the string."""
-    parts = [{"type": "text", "text": "Hel"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
-             {"type": "text", "text": "lo"}]
+    """OpenAI content-part lists: the text parts joined; the same answer as the string. An image part is a 400
+    for this text-only model (tests/test_serve_vision.py serves images)."""
+    import openai
+
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
     for content in (parts, "Hello"):
         r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
                                            temperature=0, max_tokens=60)
         assert r.choices[0].message.content == HELLO_ANSWER
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    with pytest.raises(openai.BadRequestError, match="no vision tower"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": [parts[0], image]}])
 
 
 def test_tool_calls_and_the_tool_loop(client):

@@ -34,10 +34,17 @@ def api(tmp_path_factory):
 
 @pytest.fixture
 def page(api):
+    proc, url = start_page(api)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def start_page(api: str, max_tokens: int = 60) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "streamlit", "run", str(WEBUI), "--server.port", str(port),
            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--", "--api", api, "--temperature", "0", "--max-tokens", "60"]
+           "--", "--api", api, "--temperature", "0", "--max-tokens", str(max_tokens)]
     env = {**os.environ, "MINIMIND_API_KEY": API_KEY}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -50,27 +57,33 @@ def page(api):
                 break
         except httpx.HTTPError:
             time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    return proc, url
 
 
-@pytest.mark.skipif(bool(missing), reason=f"needs Debian's chromium and chromedriver (missing: {missing}); "
-                    "install with `apt-get install chromium chromium-driver`")
-def test_chat_page_streams_a_reply_in_chromium(page, tmp_path):
+needs_chromium = pytest.mark.skipif(bool(missing), reason=f"needs Debian's chromium and chromedriver (missing: "
+                                    f"{missing}); install with `apt-get install chromium chromium-driver`")
+
+
+def chromium():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         opts.add_argument(flag)
     # An explicit driver path: Selenium Manager never runs, nothing is downloaded.
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+@needs_chromium
+def test_chat_page_streams_a_reply_in_chromium(page, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium()
     try:
         driver.get(page)
         wait = WebDriverWait(driver, 90)
@@ -161,3 +174,70 @@ def test_initial_settings_come_from_the_model_card_unless_the_page_flags_say_oth
     plain = SamplingParams()
     assert initial_settings(page_args([]), {"id": "unreachable", "error": "x"}) == \
         {"temperature": plain.temperature, "top_p": plain.top_p, "max_tokens": plain.max_new_tokens, "thinking": False}
+
+
+def test_an_uploaded_image_is_sent_as_a_data_url_part():
+    """No browser needed: the page's message for the API, with and without an upload."""
+    from minimind.serve.images import split_images
+    from minimind.serve.webui import user_message
+
+    assert user_message("Hi") == {"role": "user", "content": "Hi"}
+    m = user_message("What is it?", b"\x89PNG...", "image/png")
+    assert m["content"] == [{"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORy4uLg=="}},
+                            {"type": "text", "text": "What is it?"}]
+    out, found = split_images([m], vision=True)
+    assert "".join(p["text"] for p in out[0]["content"]) == "<image>\nWhat is it?"  # as MiniMind-V writes it
+    assert found == [("messages.0.content.0", "data:image/png;base64,iVBORy4uLg==")]
+
+
+@pytest.mark.slow  # a server, a page and a browser: ~1 min on a shared 2-core machine
+@needs_chromium
+def test_chat_page_with_an_image_upload_in_chromium(tokenizer, tmp_path):
+    """A vision model's page shows an uploader; a PNG uploaded through the file input goes with the next message
+    (shown in it), and the reply is the model's greedy answer to that image and text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_serve_vision import GREEDY, local_answer, png, vision_model
+
+    from minimind.checkpoint import load_model, save_model
+
+    save_model(vision_model(tokenizer), tmp_path / "vlm", tokenizer)
+    (tmp_path / "a.png").write_bytes(png(1))
+    want, _ = local_answer((load_model(tmp_path / "vlm"), tokenizer), [{"role": "user", "content": "<image>\nHi"}],
+                           [png(1)])
+    procs, driver = [], None
+    try:
+        server, api = start_server(tmp_path / "vlm")
+        procs.append(server)
+        page_proc, url = start_page(api + "/v1", max_tokens=GREEDY.max_new_tokens)
+        procs.append(page_proc)
+        driver = chromium()
+        driver.get(url)
+        wait = WebDriverWait(driver, 90)
+        upload = wait.until(ec.presence_of_element_located(
+            (By.CSS_SELECTOR, "[data-testid='stSidebar'] [data-testid='stFileUploader'] input[type='file']")))
+        upload.send_keys(str(tmp_path / "a.png"))
+        wait.until(lambda d: "a.png" in d.find_element(By.CSS_SELECTOR, "[data-testid='stFileUploader']").text)
+        send(driver, "Hi")
+        assert want.strip()
+        # the reply's text follows the avatar's icon name: the answer is complete when the text ends in it
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")) == 2
+                   and " ".join(last_reply(d).split()).endswith(" " + " ".join(want.split())))
+        first = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")[0]
+        assert first.find_elements(By.TAG_NAME, "img") and "Hi" in first.text
+        wait.until(lambda d: "a.png" not in d.find_element(By.CSS_SELECTOR, "[data-testid='stFileUploader']").text)
+    except Exception:
+        if driver is not None:
+            driver.save_screenshot(str(tmp_path / "failed.png"))
+            print(f"page at failure: {tmp_path / 'failed.png'}\n{driver.find_element(By.TAG_NAME, 'body').text}")
+        raise
+    finally:
+        if driver is not None:
+            driver.quit()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -63,17 +63,19 @@ def start_api_thread(args: argparse.Namespace, host: str, port: int):
 def app_options(args: argparse.Namespace, model) -> dict:
     """create_app's options from the flags, checked against the model."""
     from minimind.generation import sampling_defaults
+    from minimind.serve.images import DEFAULT_MAX_IMAGE_BYTES, ImageLimits
 
     context = model.config.max_position_embeddings
     if args.max_model_len is not None and not 0 < args.max_model_len <= context:
         raise MiniMindError(f"--max-model-len {args.max_model_len}: must be in [1, {context}] (the model's context)")
-    for flag in ("default_max_tokens", "max_body_bytes"):
+    for flag in ("default_max_tokens", "max_body_bytes", "max_image_bytes"):
         if (value := getattr(args, flag)) is not None and value < 1:
             raise MiniMindError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
     return {"api_key": args.api_key, "max_batch": args.max_batch, "max_queue": args.max_queue,
             "sampling_defaults": sampling_defaults(args.model), "max_model_len": args.max_model_len,
             "default_max_tokens": args.default_max_tokens, "max_body_bytes": args.max_body_bytes,
-            "docs": args.docs}
+            "docs": args.docs, "image_limits": ImageLimits(allow_remote=args.allow_remote_images,
+                                                           max_bytes=args.max_image_bytes or DEFAULT_MAX_IMAGE_BYTES)}
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -140,6 +142,11 @@ def _model_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="larger request bodies get HTTP 413 (default: 4 MiB)")
     p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="a vision model: fetch http(s) image_url parts (off: only data: URLs; the server would "
+                        "fetch any address a client names)")
+    p.add_argument("--max-image-bytes", type=int, default=None,
+                   help="a vision model: larger images (decoded or downloaded) get HTTP 400 (default: 8 MiB)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

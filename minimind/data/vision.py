@@ -70,10 +70,7 @@ def load_image(src: Any, base_dir: str | Path | None = None, max_pixels: int = M
         elif isinstance(src, Path) or isinstance(src, str) and not src.startswith("data:"):
             data, what = _file_or_base64(str(src), base_dir)
         elif isinstance(src, str):
-            match, what = _DATA_URL.fullmatch(src), "data URL"
-            if not match or ";base64" not in match["params"]:
-                raise MiniMindError(f"{what}: expected data:image/...;base64,...")
-            data = _b64decode(match["data"], what)
+            data, what = data_url_bytes(src), "data URL"
         else:
             raise MiniMindError(f"an image must be a path, bytes or base64 text, got {type(src).__name__}")
         try:
@@ -88,6 +85,14 @@ def load_image(src: Any, base_dir: str | Path | None = None, max_pixels: int = M
         return image.convert("RGB")
     except Exception as e:  # a truncated file fails only when its pixels are decoded
         raise MiniMindError(f"{what}: not a readable image ({e})") from None
+
+
+def data_url_bytes(url: str, what: str = "data URL") -> bytes:
+    """The bytes of a `data:[mime];base64,...` URL (MiniMindError naming `what` if it is not one)."""
+    match = _DATA_URL.fullmatch(url)
+    if not match or ";base64" not in match["params"]:
+        raise MiniMindError(f"{what}: expected data:image/...;base64,...")
+    return _b64decode(match["data"], what)
 
 
 def _file_or_base64(text: str, base_dir: str | Path | None) -> tuple[bytes, str]:

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minimind.chat import AssistantParser, chat_format, check_format, encode_chat, render, thinks_by_default
 from minimind.generation import Completion, SamplingParams
+from minimind.serve.images import ImageLimits, request_images
 from minimind.serve.scheduler import Event, QueueFull, Scheduler
 from minimind.serve.schemas import (
     DEFAULT_MAX_BODY_BYTES,
@@ -143,14 +144,15 @@ def _host_is_local(host: str, server: tuple | None) -> bool:
 def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, default_max_tokens: int | None = None,
                sampling_defaults: dict | None = None, max_model_len: int | None = None,
-               max_body_bytes: int | None = None, docs: bool = False) -> FastAPI:
+               max_body_bytes: int | None = None, docs: bool = False,
+               image_limits: ImageLimits | None = None) -> FastAPI:
     """The API app. api_key (or $MINIMIND_API_KEY) turns on bearer-token auth for every route (see Guard). The
     scheduler thread starts with the app and stops with it. default_max_tokens caps requests that set no
     max_tokens (None: the model's max_new_tokens, else 512). sampling_defaults
     (generation.sampling_defaults of the model directory) fills the sampling fields a request omits; None or
     {}: OpenAI's defaults. max_model_len: the context served (prompt plus completion; None: the model's).
     max_body_bytes: larger request bodies get 413 (None: DEFAULT_MAX_BODY_BYTES). docs: serve /docs, /redoc
-    and /openapi.json."""
+    and /openapi.json. image_limits: how images in chat requests are taken (a vision model's; see ImageLimits)."""
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     context = model.config.max_position_embeddings
     if max_model_len is not None and not 0 < max_model_len <= context:
@@ -164,6 +166,8 @@ def create_app(model, tokenizer, name: str = "minimind", api_key: str | None = N
     state.dispatcher = Dispatcher()
     state.context = max_model_len or context
     state.max_body_bytes = max_body_bytes or DEFAULT_MAX_BODY_BYTES
+    state.image_limits = image_limits or ImageLimits()
+    state.image_token_id = getattr(getattr(model, "vision", None), "image_token_id", None)  # None: text-only
     # A token stands for at most this many characters, so a longer text cannot fit the context and is
     # refused before it is tokenized. (The vocabulary's strings, byte-level, have one character per byte.)
     state.max_prompt_chars = state.context * max(map(len, tokenizer.get_vocab()), default=1)
@@ -217,14 +221,15 @@ async def models(request: Request) -> dict:
                                         "owned_by": "minimind", "parameters": state.parameters,
                                         "context_length": state.context,
                                         "thinks_by_default": state.thinks_by_default,
+                                        "vision": state.image_token_id is not None,
                                         "sampling_defaults": state.sampling_defaults}]}
 
 
-async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingParams]]],
+async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingParams], Any]],
                    ignore_eos: bool = False) -> AsyncIterator[tuple[int, Event]]:
-    """Submit jobs and yield (choice offset + index, event) until every choice is done. Cancels the jobs
-    when the consumer stops early, and the moment the client disconnects (streaming or not), so their rows
-    leave the batch at the next step."""
+    """Submit jobs (prompt, sampling settings per choice, pixel values or None) and yield (choice offset +
+    index, event) until every choice is done. Cancels the jobs when the consumer stops early, and the moment
+    the client disconnects (streaming or not), so their rows leave the batch at the next step."""
     scheduler, dispatcher = request.app.state.scheduler, request.app.state.dispatcher
     if len(jobs) > scheduler.max_queue:  # could never be queued at once: no point in "retry later"
         raise APIError(400, f"this request has {len(jobs)} prompts; the server queues at most "
@@ -241,14 +246,14 @@ async def run_jobs(request: Request, jobs: list[tuple[list[int], list[SamplingPa
     gone = asyncio.ensure_future(_disconnect(request))
     gone.add_done_callback(client_gone)
     try:
-        for prompt, params in jobs:
+        for prompt, params, pixels in jobs:
             base = offset
 
             def emit(ev: Event, base: int = base) -> None:
                 dispatcher.put(queue, (base, ev))
 
             try:
-                submitted.append(scheduler.submit(prompt, params, emit, ignore_eos))
+                submitted.append(scheduler.submit(prompt, params, emit, ignore_eos, images=pixels))
             except QueueFull as e:
                 raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from None
             except ValueError as e:
@@ -298,14 +303,14 @@ async def chat(request: Request):
     except ValueError as e:  # a minimind2-era model has no tokens for thinking or tools
         raise APIError(400, str(e), param="tools" if tools else "enable_thinking",
                        code="unsupported_by_model") from None
-    ids = await asyncio.to_thread(_encode_messages, state, req.messages, tools, thinking)
+    ids, pixels = await asyncio.to_thread(_encode_messages, state, req.messages, tools, thinking)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults,
                              state.default_max_tokens)
     rid, now, name = new_id("chatcmpl-"), int(time.time()), state.name
     parsers = [AssistantParser(thinking, parse_tools=tools is not None, call_id=lambda: new_id("call_"))
                for _ in params]
-    events = run_jobs(request, [(ids, params)], req.ignore_eos)
+    events = run_jobs(request, [(ids, params, pixels)], req.ignore_eos)
 
     def finish_reason(i: int, r: Completion) -> str:
         return "tool_calls" if parsers[i].message["tool_calls"] else r.finish_reason
@@ -363,21 +368,25 @@ async def chat(request: Request):
     return EventStream(stream(), events)
 
 
-def _encode_messages(state, messages: list[dict], tools: list[dict] | None, thinking: bool | None) -> list[int]:
-    """The prompt's token ids (run off the event loop: a long prompt takes a while to tokenize). A text too
-    long for the context by its length alone is refused before it is tokenized."""
+def _encode_messages(state, messages: list[dict], tools: list[dict] | None,
+                     thinking: bool | None) -> tuple[list[int], Any]:
+    """The prompt's token ids and its images' pixel values (None without images), run off the event loop: a
+    long prompt takes a while to tokenize, an image to decode. A text too long for the context by its length
+    alone is refused before it is tokenized; each image becomes image_tokens pads at its placeholder."""
+    messages, pixels = request_images(state.model, messages, state.image_limits)
     try:
         text = render(messages, tools=tools, add_generation_prompt=True, enable_thinking=thinking,
                       chat_format=state.chat_format, thinks_by_default=state.thinks_by_default)
         if len(text) > state.max_prompt_chars:
             raise prompt_too_long(len(text), state.context, "messages")
         ids, _ = encode_chat(state.tokenizer, messages, tools=tools, add_generation_prompt=True,
-                             enable_thinking=thinking)
+                             enable_thinking=thinking,
+                             image_tokens=0 if state.image_token_id is None else state.model.image_tokens)
     except ValueError as e:  # a malformed message, or a number too long to convert in a tool call's JSON
         raise APIError(400, f"messages: {e}", param="messages") from None
     except RecursionError:  # a tool call's JSON string nested too deeply
         raise APIError(400, "messages: nested too deeply", param="messages") from None
-    return ids
+    return ids, pixels
 
 
 # ---- plain completions ----
@@ -392,10 +401,14 @@ async def completions(request: Request):
     jobs, texts = [], []
     prompts = await asyncio.to_thread(lambda: list(completion_prompts(
         req, state.tokenizer, state.model.config.vocab_size, state.max_prompt_chars, state.context)))
-    for ids, text in prompts:
-        jobs.append((ids, sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults)))
+    for k, (ids, text) in enumerate(prompts):
+        if state.image_token_id in ids:  # its features would be missing: images come through chat messages
+            raise APIError(400, f"prompt {k} holds the image token (id {state.image_token_id}), which this vision "
+                           "model fills with image features; send images as image_url parts to /v1/chat/completions",
+                           param="prompt", code="invalid_value")
+        jobs.append((ids, sampling_params(req, len(ids), max_tokens, state.context, state.sampling_defaults), None))
         texts.append(text)
-    n_prompt = sum(len(ids) for ids, _ in jobs)
+    n_prompt = sum(len(ids) for ids, _, _ in jobs)
     rid, now, name = new_id("cmpl-"), int(time.time()), state.name
     events = run_jobs(request, jobs, req.ignore_eos)
     per = req.n

@@ -60,6 +60,7 @@ class Job:
     emit: Callable[[Event], None]  # called on the scheduler thread; must be quick and must not raise
     results: list[Completion] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past the end token (benchmarks, vLLM's `ignore_eos`)
+    images: torch.Tensor | None = None  # a vision model's pixel values [N, 3, S, S] for the prompt's image pads
     cancelled: bool = False
     error: str | None = None  # why it failed (its "error" event went out); the other jobs go on
     submitted: float = field(default_factory=time.perf_counter)
@@ -122,14 +123,16 @@ class Scheduler:
             self.thread = None
 
     def submit(self, prompt: list[int], params: list[SamplingParams], emit: Callable[[Event], None],
-               ignore_eos: bool = False) -> Job:
-        """Queue a request; raises QueueFull when `max_queue` requests already wait, ValueError when it can
-        never fit (more choices than max_batch, empty prompt)."""
+               ignore_eos: bool = False, images: torch.Tensor | None = None) -> Job:
+        """Queue a request (`images`: a vision model's pixel values for the prompt's images, in order); raises
+        QueueFull when `max_queue` requests already wait, ValueError when it can never fit (more choices than
+        max_batch, empty prompt)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if not 1 <= len(params) <= self.max_batch:
             raise ValueError(f"n must be between 1 and {self.max_batch} (the server's --max-batch)")
-        job = Job(list(prompt), list(params), emit, ignore_eos=ignore_eos)
+        job = Job(list(prompt), list(params), emit, ignore_eos=ignore_eos,
+                  images=images if images is not None and len(images) else None)
         job.results = [Completion(prompt_tokens=len(prompt)) for _ in params]
         with self.cond:
             if len(self.waiting) >= self.max_queue:
@@ -195,14 +198,20 @@ class Scheduler:
             self._fail(jobs, f"generation failed: {type(e).__name__}: {e}")
             return
         self._join(*prefilled)
+        for job in jobs:
+            job.images = None  # in the KV cache now
 
     def _prefill(self, jobs: list[Job]) -> tuple[KVCache, torch.Tensor, Sampler, list[_Row]]:
         """The new prompts prefilled together (left-padded, once for all n choices of a job), with their
         sampler and rows; the running batch is not touched. Padding is masked, so each prompt's logits are
-        those it would get alone."""
+        those it would get alone. The jobs' images go in together, in job order (text-only jobs count 0)."""
         ids, mask = left_pad([j.prompt for j in jobs], self.model.config.pad_token_id, self.device)
         cache = self.model.new_cache(len(jobs), ids.shape[1])
-        logits = self.model(ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        images = {}
+        if any(j.images is not None for j in jobs):
+            images = {"pixel_values": torch.cat([j.images for j in jobs if j.images is not None]).to(self.device),
+                      "image_counts": [0 if j.images is None else len(j.images) for j in jobs]}
+        logits = self.model(ids, attention_mask=mask, cache=cache, logits_to_keep=1, **images).logits[:, -1]
         index = [k for k, job in enumerate(jobs) for _ in job.params]  # row k of the prefill, once per choice
         if index != list(range(len(jobs))):
             cache.keep(index)

@@ -1,5 +1,6 @@
 """The web chat page (Streamlit): streamed answers, history, a collapsible thinking section, tools with the tool
-loop shown, sampling settings. `minimind webui --model DIR`, or `streamlit run webui.py -- --api URL`.
+loop shown, sampling settings, an image upload for a vision model. `minimind webui --model DIR`, or
+`streamlit run webui.py -- --api URL`.
 
 It talks to the OpenAI-compatible API (minimind.serve.api) through the official `openai` client.
 """
@@ -7,6 +8,7 @@ It talks to the OpenAI-compatible API (minimind.serve.api) through the official 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -57,6 +59,28 @@ def model_card(api: str) -> dict:
         return {"id": "unreachable", "error": str(e)}
 
 
+def user_message(text: str, image: bytes | None = None, mime: str = "image/png") -> dict:
+    """The user's message as the API takes it: plain text, or with an uploaded image an OpenAI content-part list
+    (the image as a base64 data URL, first: the server puts it on its own line before the text)."""
+    if image is None:
+        return {"role": "user", "content": text}
+    url = f"data:{mime};base64,{base64.b64encode(image).decode()}"
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": text}]}
+
+
+def show_content(content) -> None:
+    """A message's content: text, or content parts (text and images)."""
+    if isinstance(content, str):
+        st.markdown(content)
+        return
+    for part in content:
+        if part.get("type") == "image_url":
+            st.image(base64.b64decode(part["image_url"]["url"].split(",", 1)[1]), width=160)
+        elif part.get("text"):
+            st.markdown(part["text"])
+
+
 def show_tool_call(call: dict, result: str | None) -> None:
     fn = call["function"]
     with st.expander(f"Tool call: {fn['name']}({fn['arguments']})", expanded=False):
@@ -75,7 +99,7 @@ def show_history(messages: list[dict]) -> None:
             for call in m.get("tool_calls") or []:
                 show_tool_call(call, results.get(call.get("id")))
             if m.get("content"):
-                st.markdown(m["content"])
+                show_content(m["content"])
 
 
 def stream_reply(api: str, messages: list[dict], settings: dict) -> dict:
@@ -135,6 +159,10 @@ def main() -> None:
         temperature = st.slider("Temperature", 0.0, 2.0, float(start["temperature"]), 0.05)
         top_p = st.slider("Top-p", 0.05, 1.0, float(start["top_p"]), 0.05)
         max_tokens = st.number_input("Max tokens", 1, 8192, int(start["max_tokens"]), 16)
+        upload = None
+        if card.get("vision"):  # the uploader's key changes once its image is sent: it empties for the next
+            upload = st.file_uploader("Image for the next message", type=["png", "jpg", "jpeg", "webp", "gif", "bmp"],
+                                      key=f"image-{st.session_state.setdefault('uploads', 0)}")
         if st.button("Clear history"):
             st.session_state.messages = []
     st.title("MiniMind chat")
@@ -146,9 +174,11 @@ def main() -> None:
     prompt = st.chat_input("Say something")
     if not prompt:
         return
-    messages.append({"role": "user", "content": prompt})
+    if upload is not None:
+        st.session_state.uploads += 1
+    messages.append(user_message(prompt, upload.getvalue(), upload.type) if upload else user_message(prompt))
     with st.chat_message("user"):
-        st.markdown(prompt)
+        show_content(messages[-1]["content"])
     with st.chat_message("assistant"):
         try:
             loop = ToolLoop(MAX_TOOL_ROUNDS)  # run each call, show it, feed the result back
@@ -164,6 +194,9 @@ def main() -> None:
         except Exception as e:  # the API is down or refused the request: say so on the page
             st.error(f"request failed: {e}")
             st.caption(json.dumps({"api": args.api}))
+            return
+    if upload is not None:  # draw the page again: the sidebar's uploader (a new key) is empty for the next image
+        st.rerun()
 
 
 if __name__ == "__main__":

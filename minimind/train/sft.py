@@ -46,11 +46,15 @@ class SFTStage(PretrainStage):
         return token_loss(model, batch, self.weight)
 
     def dataset(self, path: str):
-        data = RowsWithLoss(super().dataset(path))
+        data = RowsWithLoss(self.conversations(path))
         if data.skipped:
             self.say(f"{path}: {data.skipped:,} of {len(data.data):,} rows have no assistant token within seq_len "
                      f"{self.cfg.seq_len}; training skips them")
         return data
+
+    def conversations(self, path: str):
+        """Every conversation of the file as a row (packed, tokenized; a vision stage's rows carry images)."""
+        return super().dataset(path)
 
     def pack_options(self) -> dict:
         return {"system_prompt_prob": self.cfg.system_prompt_prob,

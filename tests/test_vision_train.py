@@ -2,11 +2,13 @@
 directory, MiniMind-V's freezing, falling loss, exact resume, DDP with image-less batches, the vision demo."""
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 from conftest import small_model
+from PIL import Image
 from safetensors.torch import load_file
 
 from minimind import MiniMindError, cli
@@ -30,8 +32,6 @@ def setup(tmp_path_factory, tokenizer):
     write_vision_parquet(d / "colour.parquet", make_vision(16, seed=0, kinds=["colour"], size=64))
     write_vision_parquet(d / "captions.parquet", make_vision(16, seed=0, kinds=["shape"], size=64, captions=True))
     import io
-
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG")
@@ -137,3 +137,19 @@ def test_ddp_with_image_less_batches_matches_one_process(setup, tmp_path):
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
     a, b = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_vision_demo_quick_runs_and_reports_accuracy_per_kind(sft_model_dir, tmp_path):
+    from minimind.data.images import CHANCE
+    from minimind.recipes.vision import KINDS
+
+    assert cli.main(["demo", "--vision", "--quick", "--out", str(tmp_path), "--vision-from", str(sft_model_dir)]) == 0
+    report = (tmp_path / "vision" / "report.md").read_text()
+    for kind in KINDS:  # one table row per kind: questions, accuracy, chance
+        assert re.search(rf"\| {kind} \| 2 \| \d+% \| {CHANCE[kind]:.0%} \|", report), report
+    images = re.findall(r"!\[\w+\]\((samples/\w+\.png)\)", report)
+    assert len(images) == 2 * len(KINDS)
+    for name in images:
+        assert Image.open(tmp_path / "vision" / name).size == (64, 64)
+    assert isinstance(load_model(tmp_path / "vision" / "seed0" / "sft" / "model"), VisionLanguageModel)
+    assert cli.main(["demo", "--vision", "--quick", "--out", str(tmp_path / "none")]) == 2  # no SFT model there

@@ -115,6 +115,11 @@ class TrainConfig:
     max_total_len: int = 2500  # agent: trajectory tokens, prompt included (MiniMind: 2500)
     tools: list[str] = field(default_factory=list)  # agent: tools offered when a row names none (default: all)
     rollout_every: int = 10  # write sampled rollouts to <run>/rollouts.jsonl every N steps (0: never)
+    # vision (vision-pretrain, vision-sft): MiniMind-V's --freeze_llm: 2 trains the projector only, 1 also the
+    # decoder's first and last layers, 0 the whole decoder; -1: the stage's MiniMind-V default (pretrain 2, sft 1)
+    freeze_llm: int = -1
+    vision_encoder: str = ""  # a transformers SigLIP / CLIP tower directory for a new VLM ("": the tiny tower)
+    train_encoder: bool = False  # train the tower too (the tiny one learns from scratch; MiniMind-V: frozen)
 
     def __post_init__(self) -> None:
         if not self.out:

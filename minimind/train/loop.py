@@ -358,7 +358,7 @@ def build(cfg: TrainConfig, stage_class: type[Stage], d: Dist,
     model, tokenizer = build_model(cfg)
     model.to(device)
     stage = stage_class(cfg, tokenizer, d)
-    stage.setup(model, device)
+    model = stage.setup(model, device) or model  # a vision stage puts a language model inside a new VLM
     return model, tokenizer, stage
 
 
@@ -437,8 +437,10 @@ def wrap(model: torch.nn.Module, cfg: TrainConfig, d: Dist, device: torch.device
     if cfg.compile:
         net = torch.compile(model)
     if d.world > 1:
+        # Unused parameters in a step: MoE experts no token chose; a vision model's projector (and tower) in a
+        # step whose batch has no image.
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=model.config.use_moe)
+                                      find_unused_parameters=model.config.use_moe or hasattr(model, "vision"))
     return net
 
 

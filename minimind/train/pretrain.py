@@ -19,8 +19,10 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], weight: t
     labels = batch["labels"][:, 1:]
     target = labels != -100
     # Position t predicts label t + 1: the output head runs only where that label is a target.
+    # A vision batch's images (see data.vision.collate_vision) go to a VisionLanguageModel.
+    images = {k: batch[k] for k in ("pixel_values", "image_counts") if k in batch}
     out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), logits_mask=F.pad(target, (0, 1)),
-                document_ids=batch.get("document_ids"))
+                document_ids=batch.get("document_ids"), **images)
     loss = cross_entropy_sum(out.logits, labels[target], weight)
     extra = {"aux_loss": out.aux_loss} if out.aux_loss is not None else {}
     return loss, int(target.sum()), extra

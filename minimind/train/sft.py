@@ -52,13 +52,17 @@ class SFTStage(PretrainStage):
         return token_loss(model, batch, self.weight)
 
     def dataset(self, path: str):
-        data = RowsWithLoss(super().dataset(path))
+        data = RowsWithLoss(self.conversations(path))
         if data.skipped:
             self.say(f"{path}: {data.skipped:,} of {len(data.data):,} rows have no assistant token within seq_len "
                      f"{self.cfg.seq_len}; training skips them")
         if path == self.cfg.data:
             self.thinking_share = thinking_share(data, self.tokenizer)
         return data
+
+    def conversations(self, path: str):
+        """Every conversation of the file as a row (packed, tokenized; a vision stage's rows carry images)."""
+        return super().dataset(path)
 
     def save(self, model: torch.nn.Module, out: Path, tokenizer) -> Any:
         """The model directory, its chat template saying whether the model thinks when a chat does not say
@@ -99,7 +103,7 @@ def thinking_share(data: RowsWithLoss, tokenizer, sample: int = 2000) -> float:
     rows = np.random.default_rng(0).choice(len(data), size=min(sample, len(data)), replace=False)
     thinking = 0
     for i in rows:
-        ids, mask = data[int(i)]
+        ids, mask = data[int(i)][:2]  # a vision row carries its images third
         opens = np.flatnonzero((ids == open_id) & (mask > 0))
         closes = np.flatnonzero(ids == close_id)
         for start in opens:

@@ -86,7 +86,8 @@ class Stage(ABC):
       Stage(cfg, tokenizer, dist)   read and check the stage's settings
       setup(model, device)          after the model is on its device, before the optimizer is built and a
                                     resume state is loaded: freeze or wrap layers (LoRA), add heads, load a
-                                    reference or teacher model
+                                    reference or teacher model; may return a model that replaces it (on
+                                    the device), as a vision stage returns a VLM built around the LLM
       dataset(path)                 the training (and validation) rows; rank 0 builds it first
       load_state(state)             on --resume, what state() returned when the checkpoint was written
       collate(rows) -> batch        per micro-batch of rows
@@ -108,7 +109,7 @@ class Stage(ABC):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.dist = dist or Dist()
 
-    def setup(self, model: torch.nn.Module, device: torch.device) -> None:
+    def setup(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
         """Nothing to add: the model trains as it is."""
         return None
 

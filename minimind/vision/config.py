@@ -56,6 +56,10 @@ class VisionConfig:
     def feature_size(self) -> int:
         return self.encoder["hidden_size"]
 
+    def image_spec(self) -> dict[str, Any]:
+        """data.vision.preprocess's keyword arguments for this model's images."""
+        return {"size": self.image_size, "mean": tuple(self.image_mean), "std": tuple(self.image_std)}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

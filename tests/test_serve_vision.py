@@ -23,12 +23,13 @@ except ImportError:  # pragma: no cover
 from minimind import cli
 from minimind.chat import AssistantParser, encode_chat
 from minimind.checkpoint import load_model, save_model
+from minimind.data.vision import image_inputs
 from minimind.generation import SamplingParams, generate
 from minimind.serve.api import create_app
 from minimind.serve.images import ImageLimits, split_images
 from minimind.serve.scheduler import Scheduler
 from minimind.vision.config import tiny_encoder
-from minimind.vision.model import VisionLanguageModel, image_inputs
+from minimind.vision.model import VisionLanguageModel
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=6)
 
@@ -113,7 +114,8 @@ def test_mixed_text_and_image_requests_prefill_together_as_if_alone(local):
     sched = Scheduler(model, None, max_batch=8)
     done = threading.Semaphore(0)
     jobs = [sched.submit(p, [GREEDY], lambda ev: ev.kind == "done" and done.release(),
-                         images=model.pixel_values(im) if im else None) for p, im in zip(prompts, images)]
+                         images=image_inputs(model, [im])["pixel_values"] if im else None)
+            for p, im in zip(prompts, images)]
     sched.start()
     try:
         assert all(done.acquire(timeout=60) for _ in jobs)

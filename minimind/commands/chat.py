@@ -27,8 +27,8 @@ def user_content(model, text: str, images: int, what: str) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from minimind.chat import encode_chat
+    from minimind.data.vision import image_inputs
     from minimind.generation import Completion, stream
-    from minimind.vision.model import image_inputs
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.image and args.raw:
@@ -63,9 +63,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
     import torch
 
     from minimind.chat import AssistantParser, encode_chat, thinking_on, thinks_by_default
+    from minimind.data.vision import image_inputs
     from minimind.generation import Completion, stream
     from minimind.tools import ToolLoop, tool_schemas
-    from minimind.vision.model import image_inputs
 
     model, tokenizer = load_model_from(args)
     image_tokens = getattr(model, "image_tokens", 0)

@@ -30,6 +30,8 @@ from minimind.data.formats import (
     token_stats,
 )
 from minimind.data.pack_workers import PackStats
+from minimind.model import MiniMindForCausalLM
+from minimind.vision.model import VisionLanguageModel
 
 IMAGE_TOKENS = 64  # <|image_pad|> per image: SigLIP2 p32 at 256x256 gives 8x8 patch features
 IMAGE_PAD_ID = 12  # <|image_pad|> in MiniMind's tokenizer and ours (tokenizer.SPECIAL_TOKENS)
@@ -537,3 +539,19 @@ def write_vision_parquet(path: str | Path, rows: Iterable[dict]) -> int:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     return len(rows)
+
+
+def image_inputs(model: MiniMindForCausalLM, images: Sequence[Sequence[Any]], source: str = "the model") -> dict | None:
+    """generate's `images` for a batch of prompts, given each prompt's images in order of their placeholders:
+    {"pixel_values", "image_counts"}, or None when no prompt has an image. MiniMindError naming `source` when
+    images meet a model without a vision tower."""
+    if not any(images):
+        return None
+    if not isinstance(model, VisionLanguageModel):
+        raise MiniMindError(f"{source}: a language model without a vision tower (its config.json has no "
+                            "minimind.vision section), so it cannot read images")
+    v = model.vision
+    pixels = preprocess([image for row in images for image in row], size=v.image_size, mean=v.image_mean,
+                        std=v.image_std)
+    return {"pixel_values": pixels.to(model.model.embed_tokens.weight.device),
+            "image_counts": [len(row) for row in images]}

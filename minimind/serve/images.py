@@ -16,7 +16,7 @@ from PIL import Image
 
 from minimind import MiniMindError
 from minimind.chat import IMAGE
-from minimind.data.vision import MAX_IMAGE_PIXELS, data_url_bytes, load_image
+from minimind.data.vision import MAX_IMAGE_PIXELS, data_url_bytes, load_image, preprocess
 from minimind.serve.schemas import APIError
 
 DEFAULT_MAX_IMAGE_BYTES = 8 << 20  # an encoded image; a photo from a phone is 2-5 MB
@@ -151,4 +151,5 @@ def request_images(model, messages: list[Any], limits: ImageLimits) -> tuple[lis
     if not found:
         return messages, None
     images = [load_request_image(where, url, limits) for where, url in found]
-    return messages, model.pixel_values(images)
+    v = model.vision
+    return messages, preprocess(images, size=v.image_size, mean=v.image_mean, std=v.image_std)

@@ -7,9 +7,7 @@ MiniMind-V). Each image's patch features replace the embeddings of its run of <|
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -73,13 +71,6 @@ class VisionLanguageModel(MiniMindForCausalLM):
     def image_tokens(self) -> int:
         return self.vision.image_tokens
 
-    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
-        """Images (anything data.vision.load_image takes: paths, bytes, data URLs, PIL images) as this tower's
-        input [N, 3, S, S] (float32, on the CPU): resized to its image size, normalised with its mean and std."""
-        from minimind.data.vision import preprocess
-
-        v = self.vision
-        return preprocess(images, size=v.image_size, mean=v.image_mean, std=v.image_std)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> [N, image_tokens, hidden]. A tower with nothing to train runs without autograd."""
@@ -126,20 +117,6 @@ class VisionLanguageModel(MiniMindForCausalLM):
         if pixel_values is not None:
             kwargs["inputs_embeds"] = self.embed(input_ids, pixel_values, image_counts)
         return super().forward(input_ids, *args, **kwargs)
-
-
-def image_inputs(model: MiniMindForCausalLM, images: Sequence[Sequence[Any]], source: str = "the model") -> dict | None:
-    """generate's `images` for a batch of prompts, given each prompt's images in order of their placeholders:
-    {"pixel_values", "image_counts"}, or None when no prompt has an image. MiniMindError naming `source` when
-    images meet a model without a vision tower."""
-    if not any(images):
-        return None
-    if not isinstance(model, VisionLanguageModel):
-        raise MiniMindError(f"{source}: a language model without a vision tower (its config.json has no "
-                            "minimind.vision section), so it cannot read images")
-    pixels = model.pixel_values([image for row in images for image in row])
-    return {"pixel_values": pixels.to(model.model.embed_tokens.weight.device),
-            "image_counts": [len(row) for row in images]}
 
 
 def set_trainable(model: VisionLanguageModel, freeze_llm: int, train_encoder: bool = False) -> int:

@@ -226,7 +226,8 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(corpus, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.02 * 3e-3  # rounding only, far below one lr step
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+# AdamW's exact resume is also held in-process by test_resume_cleans_debris_...; its SIGKILL run is in the slow set.
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])
 def test_sigkill_then_resume_is_bit_identical(corpus, tmp_path, optimizer):
     # Dropout is on, so the RNG state must be restored too for the runs to agree bit for bit; under Muon, both
     # optimizers' states (Muon's momentum, AdamW's moments) must come back too.
@@ -313,7 +314,8 @@ def torchrun(nproc, *args):
     return proc
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+# Muon's case covers AdamW's too (its embeddings and norms are AdamW's); the AdamW-only run is in the slow set.
+@pytest.mark.parametrize("optimizer", [pytest.param("adamw", marks=pytest.mark.slow), "muon"])
 def test_ddp_two_processes_match_one_and_resume_across_world_sizes(corpus, tmp_path, optimizer):
     # A constant learning rate, so a run extended from 6 to 9 steps follows the same path as one planned for 9.
     opts = dict(steps=6, batch_size=2, global_batch_tokens=8 * 32, save_every=3, warmup_steps=1, min_lr_ratio=1.0,

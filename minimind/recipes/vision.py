@@ -65,13 +65,13 @@ def accuracy_by_kind(rows: list[dict], replies: list[str]) -> dict[str, tuple[in
     return {k: (c[0], c[1]) for k, c in sorted(counts.items(), key=lambda kv: list(CHANCE).index(kv[0]))}
 
 
-# The demo's recipe: fixed step counts, so a seed trains the same on any machine (about N minutes on 2 idle
-# cores). The whole decoder trains (freeze_llm 0) at a small rate beside the tower and projector at a larger
-# one: with the decoder frozen (MiniMind-V's freeze_llm 2), the only way to lower the loss at first is to turn
-# the image tokens into a soft prompt for the new answer format, the same for every image, and AdamW takes
-# full-size steps along that steady gradient, so the image features collapse to a constant within a few steps.
-# Captions first (each names a scene's colours, shapes, sizes and places), then the questions. 64 px images,
-# 8x8 patches.
+# The demo's recipe: fixed step counts, so a seed trains the same on any machine (7.5 minutes a seed on one
+# thread of the 2-core machine). The whole decoder trains (freeze_llm 0) at a small rate beside the tower and
+# projector at a larger one: with the decoder frozen (MiniMind-V's freeze_llm 2), the only way to lower the
+# loss at first is to turn the image tokens into a soft prompt for the new answer format, the same for every
+# image, and AdamW takes full-size steps along that steady gradient, so the image features collapse to a
+# constant within a few steps. Captions first (each names a scene's colours, shapes, sizes and places), then
+# the questions. 64 px images, 8x8 patches.
 KINDS = ("shape", "colour", "count", "position", "size")
 FULL = dict(captions=4000, questions=6000, heldout=300, pretrain_steps=300, sft_steps=1000, lr=5e-4, vision_lr=1e-3,
             batch=8, samples=5)
@@ -123,8 +123,12 @@ def run_vision_demo(out: Path, sft_dir: Path, quick: bool = False, seeds: tuple[
         model_dir = train_vision(sft_dir, data, out / f"seed{seed}", size, seed, quick)
         model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
         replies = answer(model, tokenizer, rows)
-        for kind, (right, asked) in accuracy_by_kind(rows, replies).items():
+        accuracy = accuracy_by_kind(rows, replies)
+        for kind, (right, asked) in accuracy.items():
             scores[kind].append(right / asked)
+        if len(seeds) > 1:
+            say(f"seed {seed}: " + ", ".join(f"{kind} {right / asked:.0%}" for kind, (right, asked) in accuracy.items())
+                + "\n")
     say(f"Held-out accuracy (greedy replies; {len(seeds)} seed{'s' * (len(seeds) > 1)}"
         + (": median and range" if len(seeds) > 1 else "") + "):\n")
     say("| kind | questions | accuracy | chance |\n|---|---|---|---|")

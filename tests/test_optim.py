@@ -72,6 +72,28 @@ def test_the_schedule_drives_both_optimizers_from_their_own_peak_rates():
     assert {g["lr"] for o in optimizers for g in o.param_groups} == {5e-4}
 
 
+def test_a_stage_gives_some_parameters_their_own_peak_rate():
+    """Stage.rate_of names the config field of each parameter's rate (the vision stages give the new tower and
+    projector vision_lr); the schedule scales each group from its own peak, and a parameter sits in one group."""
+    from minimind.train.vision import VisionSFTStage
+
+    model = small_model("qwen3")
+    own = ("model.layers.0.", "model.norm.")  # stand-ins for the tower and projector: matrices and a norm
+    cfg = TrainConfig(lr=1e-3, vision_lr=4e-3)
+    optimizers = make_optimizers(model, cfg, CPU, lambda name: "vision_lr" if name.startswith(own) else "lr")
+    set_lr(optimizers, cfg, 0.5)
+    rates = [(p, g["lr"]) for o in optimizers for g in o.param_groups for p in g["params"]]
+    assert len(rates) == len({id(p) for p, _ in rates}) == len(list(model.parameters()))
+    want = {id(p): 2e-3 if name.startswith(own) else 5e-4 for name, p in model.named_parameters()}
+    assert all(lr == want[id(p)] for p, lr in rates)
+    stage = VisionSFTStage.__new__(VisionSFTStage)
+    stage.cfg = cfg
+    assert [stage.rate_of(n) for n in ("vision_encoder.embeddings.patch_embedding.weight", "vision_proj.mlp.0.bias",
+                                       "model.layers.0.mlp.up_proj.weight")] == ["vision_lr", "vision_lr", "lr"]
+    stage.cfg = TrainConfig(lr=1e-3)  # vision_lr 0: one rate, so a run's optimizer state keeps its groups
+    assert stage.rate_of("vision_proj.mlp.0.bias") == "lr"
+
+
 def newton_schulz(g: torch.Tensor, dtype: torch.dtype, steps: int = 5) -> torch.Tensor:
     """The quintic iteration towards the nearest semi-orthogonal matrix (Keller Jordan's coefficients) on the
     wide orientation, after scaling to Frobenius norm 1. X <- aX + (bA + cA^2)X with A = XX^T, each bracket one

@@ -120,6 +120,7 @@ class TrainConfig:
     freeze_llm: int = -1
     vision_encoder: str = ""  # a transformers SigLIP / CLIP tower directory for a new VLM ("": the tiny tower)
     train_encoder: bool = False  # train the tower too (the tiny one learns from scratch; MiniMind-V: frozen)
+    vision_lr: float = 0.0  # peak rate of the tower and projector (0: lr): new weights want more than the decoder
 
     def __post_init__(self) -> None:
         if not self.out:

@@ -9,6 +9,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,22 +162,30 @@ def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
             if isinstance(m, torch.nn.Linear) and id(m) not in routers and m.weight.requires_grad]
 
 
-def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    rate_of: Callable[[str], str] | None = None) -> list[torch.optim.Optimizer]:
     """The optimizers of a run, each owning its own trainable parameters: AdamW (fused where torch has the
     kernel; weight decay on matrices only, not norms) on everything, or with optimizer = "muon" on everything
     but muon_matrices(), which go to Muon (torch's, orthogonalising in fp32 on CPUs without bf16 units). Muon
     runs with adjust_lr_fn="match_rms_adamw": its update is scaled to the RMS of a typical AdamW update
     (0.2 x sqrt(max side)), so the rate and weight decay tuned for AdamW carry over (Moonshot's "Muon is
-    Scalable for LLM Training"), hence muon_lr defaults to lr."""
+    Scalable for LLM Training"), hence muon_lr defaults to lr. rate_of(parameter name): the TrainConfig field
+    holding an AdamW parameter's peak rate (Stage.rate_of; by default "lr" for all)."""
     if cfg.optimizer not in OPTIMIZERS:
         raise MiniMindError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
     muon = muon_matrices(model) if cfg.optimizer == "muon" else []
     if cfg.optimizer == "muon" and not muon:
         raise MiniMindError("optimizer = \"muon\": this model has no trainable hidden matrices for Muon")
     taken = {id(p) for p in muon}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    rest: dict[str, list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in taken:
+            rest.setdefault(rate_of(name) if rate_of else "lr", []).append(p)
+    # "rate" names the config field of the group's peak rate, so set_lr reads it afresh (a resumed run too).
+    groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": cfg.weight_decay, "rate": rate}
+              for rate, ps in rest.items()] + \
+             [{"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0, "rate": rate}
+              for rate, ps in rest.items()]
     groups = [g for g in groups if g["params"]]  # LoRA under Muon leaves AdamW nothing
     optimizers: list[torch.optim.Optimizer] = []
     if groups:
@@ -188,8 +197,10 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     return optimizers
 
 
-def peak_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> float:
-    return (cfg.muon_lr or cfg.lr) if isinstance(optimizer, torch.optim.Muon) else cfg.lr
+def peak_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, group: dict | None = None) -> float:
+    if isinstance(optimizer, torch.optim.Muon):
+        return cfg.muon_lr or cfg.lr
+    return getattr(cfg, (group or {}).get("rate", "lr")) or cfg.lr
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, scale: float) -> None:
@@ -197,7 +208,7 @@ def set_lr(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig, scale: flo
     rates of its config, not those saved in the checkpoint)."""
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = peak_lr(optimizer, cfg) * scale
+            group["lr"] = peak_lr(optimizer, cfg, group) * scale
 
 
 def train_step(net: torch.nn.Module, model: torch.nn.Module, stage: Stage, micro: list[Batch],
@@ -292,7 +303,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
     plan = make_plan(cfg, data, d, device)
     autocast = torch.autocast(device.type, dtype=plan.dtype) if plan.dtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler(device.type) if plan.dtype == torch.float16 else None
-    optimizers = make_optimizers(model, cfg, device)
+    optimizers = make_optimizers(model, cfg, device, stage.rate_of)
     at = resume(cfg, model, stage, optimizers, scaler, plan, d, device, say)
     net = wrap(model, cfg, d, device)
     loggers = start_run_dir(cfg, d, at.step)
@@ -524,8 +535,11 @@ def describe(optimizers: list[torch.optim.Optimizer], cfg: TrainConfig) -> str:
     2.00e-03) + muon 2,949,120 (lr 2.00e-03)"."""
     parts = []
     for o in optimizers:
-        n = sum(p.numel() for g in o.param_groups for p in g["params"])
-        parts.append(f"{type(o).__name__.lower()} {n:,} (lr {peak_lr(o, cfg):.2e})")
+        by_rate: dict[float, int] = {}
+        for g in o.param_groups:
+            rate = peak_lr(o, cfg, g)
+            by_rate[rate] = by_rate.get(rate, 0) + sum(p.numel() for p in g["params"])
+        parts += [f"{type(o).__name__.lower()} {n:,} (lr {rate:.2e})" for rate, n in by_rate.items()]
     return " + ".join(parts)
 
 

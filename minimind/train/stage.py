@@ -88,6 +88,7 @@ class Stage(ABC):
                                     resume state is loaded: freeze or wrap layers (LoRA), add heads, load a
                                     reference or teacher model; may return a model that replaces it (on
                                     the device), as a vision stage returns a VLM built around the LLM
+      rate_of(name)                 per trainable parameter, the config field of its peak rate ("lr")
       dataset(path)                 the training (and validation) rows; rank 0 builds it first
       load_state(state)             on --resume, what state() returned when the checkpoint was written
       collate(rows) -> batch        per micro-batch of rows
@@ -112,6 +113,10 @@ class Stage(ABC):
     def setup(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
         """Nothing to add: the model trains as it is."""
         return None
+
+    def rate_of(self, name: str) -> str:
+        """Every parameter at lr (AdamW's; Muon's matrices take muon_lr)."""
+        return "lr"
 
     @abstractmethod
     def dataset(self, path: str) -> Any:

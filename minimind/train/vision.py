@@ -44,6 +44,10 @@ class VisionSFTStage(SFTStage):
         self.vision = model.vision
         return model.to(device)
 
+    def rate_of(self, name: str) -> str:
+        """vision_lr (when set) for the tower and projector, which may start from scratch; lr for the decoder."""
+        return "vision_lr" if self.cfg.vision_lr and name.startswith(("vision_encoder.", "vision_proj.")) else "lr"
+
     def conversations(self, path: str) -> VisionDataset:
         data = VisionDataset(path, self.tokenizer, self.cfg.seq_len, self.vision.image_spec(),
                              self.vision.image_tokens, newline_loss=self.cfg.train_newline_after_eos,

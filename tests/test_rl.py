@@ -227,6 +227,7 @@ def test_grpo_raises_the_reward_of_a_tiny_model(sft_model_dir, demo_data, tmp_pa
     assert {"prompt", "turns", "reward", "advantage", "finished"} <= rollouts[0].keys()
 
 
+@pytest.mark.slow  # two torchrun processes: in CI's slow set (`pytest -m slow`)
 def test_ddp_averages_the_policy_gradient_over_two_processes(tokenizer, tmp_path):
     """MiniMind's RL trainers step each rank on its own gradients; here 2 processes x 1 prompt must land on
     the weights of 1 process x 2 prompts (same rows, same per-reply seeds), which needs the all-reduce."""

@@ -335,6 +335,7 @@ def test_ddp_two_processes_match_one_and_resume_across_world_sizes(corpus, tmp_p
     assert losses(tmp_path / "one")[-3:] == pytest.approx(losses(tmp_path / "ref")[-3:], rel=1e-4)
 
 
+@pytest.mark.slow  # two torchrun processes: in CI's slow set (`pytest -m slow`)
 def test_ddp_sft_with_padding_and_accumulation_matches_one_process_and_resumes_under_one(corpus, tmp_path):
     # Conversations of many lengths, so micro-batches are padded and hold different numbers of loss tokens: the
     # loss must be the sum over the global batch / its tokens, not a mean of micro-batch means.
@@ -375,6 +376,7 @@ def test_time_budget_shortens_the_run(corpus, tmp_path):
     assert state["total"] == done
 
 
+@pytest.mark.slow  # two torchrun processes: in CI's slow set (`pytest -m slow`)
 def test_time_budget_under_two_processes_stops_both_at_the_same_step(corpus, tmp_path):
     # Each process reads its own clock; the run length they settle on must be rank 0's, or one rank leaves the
     # loop while the other waits for it in an all-reduce (the run then hangs until torchrun's timeout).

@@ -20,6 +20,7 @@ from minimind.eval.probes import probe_accuracy, tool_use
 from minimind.generation import SamplingParams, generate
 from minimind.recipes.distill import heldout_kl
 from minimind.recipes.lora import lora_example, side_by_side_markdown
+from minimind.recipes.report import Report
 from minimind.recipes.rl import read_jsonl, rl_example
 from minimind.tokenizer import chars_per_token, load_tokenizer, train_tokenizer
 from minimind.train.config import TrainConfig
@@ -72,11 +73,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False, seed: int
     size = QUICK if quick else FULL
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    report = ["# MiniMind demo", ""]
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        report.append(text)
+    say = Report("MiniMind demo")
 
     def stage_time(label: str, t0: float) -> None:
         say(f"   ({label} took {time.perf_counter() - t0:.0f} s)")
@@ -170,8 +167,7 @@ def run_demo(out: Path, quick: bool = False, all_stages: bool = False, seed: int
     if all_stages:
         post_training(out, files, pre_dir, sft_dir, size, say, text_tasks, probes.accuracy)
     say(f"\nDone in {time.perf_counter() - start:.0f} s. Chat with it: `.venv/bin/minimind chat --model {sft_dir}`")
-    (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-    print(f"report: {out / 'report.md'}")
+    say.write(out / "report.md")
 
 
 def post_training(out: Path, files: dict[str, Path], pre_dir: Path, sft_dir: Path, size: dict, say,

@@ -17,6 +17,7 @@ from minimind.checkpoint import load_model
 from minimind.data.images import CHANCE, is_correct, write_vision_builtin
 from minimind.data.vision import preprocess
 from minimind.generation import SamplingParams, generate
+from minimind.recipes.report import Report
 from minimind.tokenizer import load_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.loop import train
@@ -102,11 +103,7 @@ def run_vision_demo(out: Path, sft_dir: Path, quick: bool = False, seeds: tuple[
                             "runs/demo/sft/model), or pass --vision-from DIR")
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    report = ["# MiniMind demo: vision", ""]
-
-    def say(text: str = "") -> None:
-        print(text, flush=True)
-        report.append(text)
+    say = Report("MiniMind demo: vision")
 
     data = write_vision_builtin(out / "data", seed=0, size=64, sft_rows=size["questions"],
                                caption_rows=size["captions"], heldout_rows=size["heldout"], kinds=KINDS)
@@ -140,8 +137,7 @@ def run_vision_demo(out: Path, sft_dir: Path, quick: bool = False, seeds: tuple[
     say("\nSamples (the last seed's model, greedy):\n")
     say(samples_markdown(rows, replies, out, size["samples"]))
     say(f"\nDone in {time.perf_counter() - start:.0f} s. Model: `{model_dir}`")
-    (out / "report.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-    print(f"report: {out / 'report.md'}")
+    say.write(out / "report.md")
     return scores
 
 

@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+MESSAGE = "[data-testid='stChatMessage']"
 
 
 @pytest.fixture
@@ -76,46 +77,58 @@ def chromium():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
+def waiter(driver):
+    """Streamlit redraws elements on every rerun, so an element found a moment ago can be gone by the time its
+    text is read: a wait retries its condition then instead of failing (StaleElementReferenceException)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, 90, ignored_exceptions=(StaleElementReferenceException,))
+
+
 @needs_chromium
 def test_chat_page_streams_a_reply_in_chromium(page, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chromium()
     try:
         driver.get(page)
-        wait = WebDriverWait(driver, 90)
+        wait = waiter(driver)
         box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "textarea[data-testid='stChatInputTextArea']")))
-        sidebar = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "[data-testid='stSidebar']")))
-        wait.until(lambda d: "parameters" in sidebar.text)
-        assert "model" in sidebar.text and "Thinking" in sidebar.text and "Clear history" in sidebar.text
+        sidebar = "[data-testid='stSidebar']"
+        wait.until(lambda d: "parameters" in d.find_element(By.CSS_SELECTOR, sidebar).text)
+        assert all(w in driver.find_element(By.CSS_SELECTOR, sidebar).text
+                   for w in ("model", "Thinking", "Clear history"))
         box.send_keys("Hello")
         box.send_keys(Keys.ENTER)
 
         seen = []
 
         def reply(d):
-            msgs = d.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")
+            msgs = d.find_elements(By.CSS_SELECTOR, MESSAGE)
             text = msgs[-1].text if len(msgs) >= 2 else ""
             seen.append(text)
             # "▌" is the cursor drawn while the stream runs: gone once the reply is complete
             return HELLO_ANSWER in text and "▌" not in text and text
 
         wait.until(reply)
-        assert "Hello" in driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")[0].text
+        wait.until(lambda d: "Hello" in d.find_elements(By.CSS_SELECTOR, MESSAGE)[0].text)
         clear(driver, wait)  # the lessons were learnt as first turns: start each one afresh
         # thinking on: the reasoning lands in a collapsible "Thinking" section, the answer below it
         driver.find_element(By.XPATH, "//*[@data-testid='stSidebar']//*[text()='Thinking']").click()
         send(driver, "Why?")
         wait.until(lambda d: "That is the question." in last_reply(d) and "▌" not in last_reply(d))
-        assert "Thinking" in last_reply(driver)
-        expander = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")[-1].find_element(
-            By.CSS_SELECTOR, "[data-testid='stExpander']")
-        if "To be, or not to be." not in expander.text:
-            expander.find_element(By.TAG_NAME, "summary").click()
-        wait.until(lambda d: "To be, or not to be." in expander.text)
+        wait.until(lambda d: "Thinking" in last_reply(d))
+
+        def expander(d):
+            return d.find_elements(By.CSS_SELECTOR, MESSAGE)[-1].find_element(By.CSS_SELECTOR,
+                                                                              "[data-testid='stExpander']")
+
+        if "To be, or not to be." not in expander(driver).text:
+            expander(driver).find_element(By.TAG_NAME, "summary").click()
+        wait.until(lambda d: "To be, or not to be." in expander(d).text)
         driver.find_element(By.XPATH, "//*[@data-testid='stSidebar']//*[text()='Thinking']").click()  # off again
         clear(driver, wait)
         # a tool: the model calls the calculator, the page runs it, shows the call and feeds the result back
@@ -124,7 +137,7 @@ def test_chat_page_streams_a_reply_in_chromium(page, tmp_path):
         tools.send_keys(Keys.ENTER)
         send(driver, "What is 2 + 3?")
         wait.until(lambda d: "The answer is 5." in last_reply(d) and "▌" not in last_reply(d))
-        assert "Tool call: calculator" in last_reply(driver)
+        wait.until(lambda d: "Tool call: calculator" in last_reply(d))
         shot = tmp_path / "webui.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
@@ -140,7 +153,7 @@ def clear(driver, wait) -> None:
     from selenium.webdriver.common.by import By
 
     driver.find_element(By.XPATH, "//button[.//*[text()='Clear history']]").click()
-    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']"))
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, MESSAGE))
 
 
 def send(driver, text: str) -> None:
@@ -155,7 +168,7 @@ def send(driver, text: str) -> None:
 def last_reply(driver) -> str:
     from selenium.webdriver.common.by import By
 
-    msgs = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")
+    msgs = driver.find_elements(By.CSS_SELECTOR, MESSAGE)
     return msgs[-1].text if msgs else ""
 
 
@@ -197,7 +210,6 @@ def test_chat_page_with_an_image_upload_in_chromium(tokenizer, tmp_path):
     (shown in it), and the reply is the model's greedy answer to that image and text."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import WebDriverWait
     from test_serve_vision import GREEDY, local_answer, png, vision_model
 
     from minimind.checkpoint import load_model, save_model
@@ -214,7 +226,7 @@ def test_chat_page_with_an_image_upload_in_chromium(tokenizer, tmp_path):
         procs.append(page_proc)
         driver = chromium()
         driver.get(url)
-        wait = WebDriverWait(driver, 90)
+        wait = waiter(driver)
         upload = wait.until(ec.presence_of_element_located(
             (By.CSS_SELECTOR, "[data-testid='stSidebar'] [data-testid='stFileUploader'] input[type='file']")))
         upload.send_keys(str(tmp_path / "a.png"))
@@ -222,10 +234,10 @@ def test_chat_page_with_an_image_upload_in_chromium(tokenizer, tmp_path):
         send(driver, "Hi")
         assert want.strip()
         # the reply's text follows the avatar's icon name: the answer is complete when the text ends in it
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")) == 2
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, MESSAGE)) == 2
                    and " ".join(last_reply(d).split()).endswith(" " + " ".join(want.split())))
-        first = driver.find_elements(By.CSS_SELECTOR, "[data-testid='stChatMessage']")[0]
-        assert first.find_elements(By.TAG_NAME, "img") and "Hi" in first.text
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, MESSAGE).find_elements(By.TAG_NAME, "img")
+                   and "Hi" in d.find_element(By.CSS_SELECTOR, MESSAGE).text)
         wait.until(lambda d: "a.png" not in d.find_element(By.CSS_SELECTOR, "[data-testid='stFileUploader']").text)
     except Exception:
         if driver is not None:

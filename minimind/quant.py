@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimind import MiniMindError
+from minimind.device import cpu_has_bf16
 from minimind.model import MiniMindForCausalLM, MoE
 
 SCHEMES = ("int8",)
-INT8_KERNEL_MAX_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -33,6 +33,12 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
+        # Past `kernel_rows` rows (a prefill) a matmul on a dequantised copy beats the int8 kernel. A CPU without
+        # bf16 instructions emulates bf16 arithmetic, so there the copy is fp32: measured on such a CPU at 512
+        # rows, fp32 2.2x the int8 kernel and 4.2x a bf16 copy, break-even near 128 rows. With bf16
+        # instructions (not measured: no such CPU here) the copy stays bf16 from 32 rows, as before.
+        self.fp32_matmul = not cpu_has_bf16()
+        self.kernel_rows = 128 if self.fp32_matmul else 32
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale.float()[:, None]
@@ -40,11 +46,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.scale.dtype)
         rows = x.numel() // self.in_features
-        # The int8 kernel wins while reading the weights is the cost (decoding, a few rows: 2.5x bf16 here at
-        # one row); for a prefill it is slower than a bf16 matmul on a dequantised copy (measured: ~2.5x at 512
-        # rows, break-even near 32). It is CPU-only here; elsewhere always dequantise.
-        if x.device.type != "cpu" or rows > INT8_KERNEL_MAX_ROWS:
-            return F.linear(x, self.dequantized().to(x.dtype))
+        # The int8 kernel wins while reading the weights is the cost (decoding, a few rows: 2.5x bf16 at one
+        # row). It is CPU-only here; elsewhere always dequantise.
+        if x.device.type != "cpu" or rows > self.kernel_rows:
+            dtype = torch.float32 if x.device.type == "cpu" and self.fp32_matmul else x.dtype
+            return F.linear(x.to(dtype), self.dequantized().to(dtype)).to(x.dtype)
         return torch._weight_int8pack_mm(x.reshape(rows, self.in_features), self.weight,
                                          self.scale).view(*x.shape[:-1], self.out_features)
 

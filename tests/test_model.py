@@ -193,6 +193,29 @@ def test_blocked_attention_equals_sdpa_with_grouped_heads():
         assert torch.equal(a[:, :, :100], b[:, :, :100])
 
 
+def test_one_query_attention_equals_sdpa():
+    """The decoding attention (one query per row over the cache) against SDPA: grouped heads, a mask with a
+    padded row and an idle row (every key masked: zeros, as SDPA gives), and bf16 inputs (fp32 inside)."""
+    from minimind.model import one_query_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 6, 1, 16, dtype=torch.float64)
+    k, v = (torch.randn(3, 2, 9, 16, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # left padding
+    mask[2] = False  # an idle serving slot
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for m in (None, mask):
+        torch.testing.assert_close(one_query_attention(q, k, v, m), sdpa(q, k, v, attn_mask=m, enable_gqa=True),
+                                   rtol=0, atol=1e-12)
+    assert one_query_attention(q, k, v, mask)[2].abs().max() == 0
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    ours = one_query_attention(qb, kb, vb, mask)
+    assert ours.dtype == torch.bfloat16
+    want = sdpa(qb.double(), kb.double(), vb.double(), attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ours.double(), want, rtol=0, atol=2e-2)  # bf16 output rounding only
+
+
 def test_cpu_training_takes_the_blocked_attention_with_the_same_gradients(family, monkeypatch):
     from minimind import blocked_attention
 

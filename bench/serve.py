@@ -1,6 +1,7 @@
 """Serving throughput: aggregate generated tokens/s with 1, 4 and 16 concurrent streaming clients against one
 continuous-batching server, and against one-request-at-a-time serving (the same server code with --max-batch 1)
 in the same run, rounds interleaved; time to first token median and p95. `python bench/serve.py [--model DIR]`
+With --compiled: also a batched server with --compile (the compiled fixed-shape decode step), against the eager one.
 With --images: chat requests each carrying an image (a data URL), 1 and 8 concurrent clients batched against one
 at a time, on a vision model (default: the random preset around a random SigLIP2-base-sized tower, 256x256 p32).
 """
@@ -81,11 +82,12 @@ def image_urls(n: int, side: int = 256) -> list[str]:
     return urls
 
 
-def start(model: Path, max_batch: int, dtype: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start(model: Path, max_batch: int, dtype: str, threads: int, compile: bool = False
+          ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--port", str(port),
            "--device", "cpu", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "256",
-           "--threads", str(threads)]
+           "--threads", str(threads), "--compile" if compile else "--no-compile"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -169,6 +171,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per server (0: default)")
     ap.add_argument("--images", action="store_true", help="image chat requests (--model: a vision model directory)")
     ap.add_argument("--tower", default="base", choices=["base", "tiny"], help="the random tower for --images")
+    ap.add_argument("--compiled", action="store_true", help="also a batched server with --compile")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,12 +183,18 @@ def main() -> None:
             [torch.randint(40, 6000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
         servers = {"batched": start(model, 16, args.dtype, args.threads),
                    "one-at-a-time": start(model, 1, args.dtype, args.threads)}
+        if args.compiled:
+            servers["batched compiled"] = start(model, 16, args.dtype, args.threads, compile=True)
         try:
-            configs = [("one-at-a-time", 8), ("batched", 1), ("batched", 8)] if args.images else \
-                [("one-at-a-time", 16), ("batched", 1), ("batched", 4), ("batched", 16)]
-            with httpx.Client() as http:  # warm up both
+            counts = (1, 8) if args.images else (1, 4, 16)
+            configs = [("one-at-a-time", counts[-1])] + [(name, c) for name in servers if name != "one-at-a-time"
+                                                          for c in counts]
+            with httpx.Client() as http:  # warm up all
                 for _, url in servers.values():
                     one_request(http, url, prompts[0], 4)
+            if args.compiled:  # compile every batch size and cache length the measured rounds will meet
+                for c in counts:
+                    load(servers["batched compiled"][1], c, prompts, args.new_tokens)
             runs: dict = {c: [] for c in configs}
             for r in range(args.rounds):
                 for name, clients in configs:
@@ -208,6 +217,11 @@ def main() -> None:
         ttft = [t for x in res for t in x["ttft"]]
         print(f"| {name} | {clients} | {tok_s:.1f} | {tok_s / base:.2f}x | {statistics.median(ttft):.3f} | "
               f"{p95(ttft):.3f} |")
+    if args.compiled:
+        for c in counts:
+            ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(runs[("batched compiled", c)], runs[("batched", c)])]
+            print(f"compiled / eager, {c} clients: {statistics.median(ratios):.2f}x (per round: "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

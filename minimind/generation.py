@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -251,19 +250,19 @@ def fixed_step(model: MiniMindForCausalLM, cache: KVCache, tokens: torch.Tensor,
     over the whole preallocated cache, compiled by torch.compile (Inductor, static shapes) when `compile`.
     The first step of a new shape logs its compile time."""
     global _compiled_step
-    fn = model.decode_step
+    step = None
     if compile:
         if _compiled_step is None:
             torch._dynamo.config.recompile_limit = 64  # one entry per (model, batch, cache length)
-            _compiled_step = torch.compile(MiniMindForCausalLM.decode_step, dynamic=False)
-        fn = partial(_compiled_step, model)
+            _compiled_step = torch.compile(MiniMindForCausalLM.step_logits, dynamic=False)
+        step = _compiled_step
     key = (id(model), tuple(cache.k.shape), cache.k.dtype)
     if compile and key not in _compiled_shapes:
         log.info("compiling the decode step for batch %d x %d cached positions (about a minute on a small CPU the "
                  "first time, seconds once Inductor's disk cache has it)", cache.k.shape[1], cache.k.shape[3])
     start = time.perf_counter()
-    logits = fn(tokens, cache.k, cache.v, cache.valid, torch.tensor([cache.length], device=cache.k.device),
-                cache.next_pos)
+    logits = model.decode_step(tokens, cache.k, cache.v, cache.valid,
+                               torch.tensor([cache.length], device=cache.k.device), cache.next_pos, step)
     cache.length += 1
     if compile and key not in _compiled_shapes:
         _compiled_shapes.add(key)

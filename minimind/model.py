@@ -7,6 +7,7 @@ Parameter names are transformers' (Qwen3 / Qwen3-MoE / Qwen2-MoE / Llama), so a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -201,39 +202,50 @@ class KVCache:
         self.has_padding = not bool(self.valid[:, :self.length].all())
 
 
-class _CacheSlot:
-    """KVCache.update's stand-in inside decode_step: writes one position at tensor index `pos`, returns the
-    whole layer (fixed shape; the mask hides what is not filled yet)."""
+class _StepCache:
+    """decode_step's cache: a layer's attention reads the preallocated k, v [L, B, H, S, D] where `mask`
+    [B, 1, 1, S] allows, plus the step's own key and value, which it keeps in new_k, new_v instead of writing
+    them into the cache: under torch.compile an in-place write into a view of an input copies the whole cache
+    every step (measured: 0.4-1.4 ms a layer at batch 16), so decode_step writes them after the step."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        self.k, self.v, self.pos = k, v, pos
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> None:
+        self.k, self.v, self.mask = k, v, mask
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[layer].index_copy_(2, self.pos, k)
-        self.v[layer].index_copy_(2, self.pos, v)
-        return self.k[layer], self.v[layer]
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.new_k.append(k)
+        self.new_v.append(v)
+        return one_query_attention(q, self.k[layer], self.v[layer], self.mask, k, v)
 
 
 # ---- blocks -------------------------------------------------------------------------------------
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-                        ) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for one query per row (decoding): q [B, H, 1, D], k, v [B, KV, S, D]
-    (H a multiple of KV), mask [B, 1, 1, S] (True: may attend) or None. Two small matmuls in fp32 (fp64 for
-    fp64 inputs): in a compiled decode step on a CPU they took about a quarter of the time of SDPA's flash
-    kernel, whose blocking is made for many queries (b1 minimind2-small, 256 cached positions: 1.25x tokens/s
-    overall), and fp32 scores keep greedy decoding on SDPA's tokens (bf16 scores did not). A row with every key
-    masked (an idle serving slot) gets zeros, as SDPA gives."""
+    (H a multiple of KV), mask [B, 1, 1, S] (True: may attend) or None; k_new, v_new [B, KV, 1, D]: one more
+    key and value after those, always attended (the step's own, not yet in the cache). Two small matmuls in
+    fp32 (fp64 for fp64 inputs): in a compiled decode step on a CPU they took about a quarter of the time of
+    SDPA's flash kernel, whose blocking is made for many queries (b1 minimind2-small, 256 cached positions:
+    1.25x tokens/s overall), and fp32 scores keep greedy decoding on SDPA's tokens (bf16 scores did not). A row
+    with every key masked (an idle serving slot) gets zeros, as SDPA gives."""
     B, H, _, D = q.shape
-    kv = k.shape[1]
-    acc = torch.promote_types(q.dtype, torch.float32)
+    kv, dtype = k.shape[1], q.dtype
+    acc = torch.promote_types(dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        scores = q.to(acc).view(B, kv, H // kv, D) @ k.to(acc).transpose(-1, -2) / math.sqrt(D)
+        q = q.to(acc).view(B, kv, H // kv, D) / math.sqrt(D)
+        scores = q @ k.to(acc).transpose(-1, -2)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        out = scores.softmax(-1).nan_to_num(0.0) @ v.to(acc)
-    return out.view(B, H, 1, D).to(q.dtype)
+        if k_new is not None:
+            scores = torch.cat([scores, (q * k_new.to(acc)).sum(-1, keepdim=True)], -1)
+        p = scores.softmax(-1).nan_to_num(0.0)
+        out = p[..., :k.shape[2]] @ v.to(acc)
+        if v_new is not None:
+            out = out + p[..., -1:] * v_new.to(acc)
+    return out.view(B, H, 1, D).to(dtype)
 
 
 class Attention(nn.Module):
@@ -276,6 +288,8 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
+        if isinstance(cache, _StepCache):
+            return self.o_proj(cache.attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -483,24 +497,33 @@ class MiniMindForCausalLM(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_total)
 
     def decode_step(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
-                    pos: torch.Tensor, next_pos: torch.Tensor) -> torch.Tensor:
+                    pos: torch.Tensor, next_pos: torch.Tensor, step: Callable | None = None) -> torch.Tensor:
         """One decoding step whose shapes never change, so a compiled step replays for every token: tokens [B]
         go in at cache position `pos` ([1], long) and RoPE positions next_pos [B]; attention reads all of the
-        preallocated cache k, v [L, B, H, S, D] under a mask (positions <= pos that `valid` [B, S] allows)
-        instead of a slice that grows. Writes k, v in place and advances pos and next_pos; returns logits
-        [B, V]. The same arithmetic as forward() with a KVCache (tests hold them equal), only no Python int
-        depends on the position."""
-        slot = _CacheSlot(k, v, pos)
+        preallocated cache k, v [L, B, H, S, D] under a mask (the positions before pos that `valid` [B, S]
+        allows) instead of a slice that grows. Writes the new keys and values at pos and advances pos and
+        next_pos; returns logits [B, V]. The same arithmetic as forward() with a KVCache (tests hold them
+        equal), only no Python int depends on the position. `step`: MiniMindForCausalLM.step_logits or a
+        compiled copy of it (generation.fixed_step)."""
+        logits, new_k, new_v = (step or MiniMindForCausalLM.step_logits)(self, tokens, k, v, valid, pos, next_pos)
+        k.index_copy_(3, pos, new_k)
+        v.index_copy_(3, pos, new_v)
+        pos.add_(1)
+        next_pos.add_(1)
+        return logits
+
+    def step_logits(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                    pos: torch.Tensor, next_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """decode_step's computation, which writes nothing (what torch.compile compiles): logits [B, V] and the
+        step's keys and values [L, B, H, 1, D] for decode_step to write at pos."""
         keys = torch.arange(valid.shape[1], device=valid.device)
-        mask = (valid & (keys <= pos))[:, None, None, :]
+        cache = _StepCache(k, v, (valid & (keys < pos))[:, None, None, :])
         x = self.model.embed_tokens(tokens[:, None])
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         cos, sin = self.model.rotary(next_pos[:, None], dtype)
         for block in self.model.layers:
-            x, _ = block(x, cos, sin, mask, False, slot)
-        pos.add_(1)
-        next_pos.add_(1)
-        return self.lm_head(self.model.norm(x))[:, 0]
+            x, _ = block(x, cos, sin, None, False, cache)
+        return self.lm_head(self.model.norm(x))[:, 0], torch.stack(cache.new_k), torch.stack(cache.new_v)
 
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int,

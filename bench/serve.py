@@ -192,9 +192,10 @@ def main() -> None:
             with httpx.Client() as http:  # warm up all
                 for _, url in servers.values():
                     one_request(http, url, prompts[0], 4)
-            if args.compiled:  # compile every batch size and cache length the measured rounds will meet
-                for c in counts:
-                    load(servers["batched compiled"][1], c, prompts, args.new_tokens)
+            if args.compiled:  # compile the batch sizes and cache lengths the measured rounds will meet, which
+                for c in counts:  # depend on when requests join: a few passes each
+                    for _ in range(3):
+                        load(servers["batched compiled"][1], c, prompts, args.new_tokens)
             runs: dict = {c: [] for c in configs}
             for r in range(args.rounds):
                 for name, clients in configs:

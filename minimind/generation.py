@@ -106,6 +106,7 @@ class Sampler:
 
     def _summarize(self) -> None:
         self.greedy = self.temperature.squeeze(1) == 0
+        self.all_greedy = bool(self.greedy.all())
         self.any_top_k = bool((self.top_k > 0).any())
         self.any_top_p = bool((self.top_p < 1).any())
         self.any_min_p = bool((self.min_p > 0).any())
@@ -151,12 +152,13 @@ class Sampler:
         if self.any_penalty:
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             logits = torch.where(self.seen, penalised, logits)
-        # -inf alone is a legal score (never pick it); NaN, +inf or nothing finite is no distribution.
-        ok = ~(logits.isnan() | (logits == float("inf"))).any(-1) & logits.isfinite().any(-1)
-        logits = torch.where(ok[:, None], logits, 0.0)  # uniform: multinomial never sees NaN (a device assert)
+        # -inf alone is a legal score (never pick it); NaN, +inf or nothing finite is no distribution. A row's
+        # largest score is NaN if any is, +inf if any is and -inf if all are: finite exactly when the row is fine.
+        ok = logits.amax(-1).isfinite()
         best = logits.argmax(-1)
-        if bool(self.greedy.all()):
+        if self.all_greedy:
             return best, ok
+        logits = torch.where(ok[:, None], logits, 0.0)  # uniform: multinomial never sees NaN (a device assert)
         logits = logits / self.temperature.clamp(min=1e-6)
         if self.any_top_k:
             k = torch.where(self.top_k > 0, self.top_k, logits.shape[-1]).clamp(max=logits.shape[-1])

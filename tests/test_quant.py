@@ -12,7 +12,8 @@ from minimind import MiniMindError
 from minimind.quant import Int8Linear, quantize, quantize_int8
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (5, 7, 96)])  # int8 kernel (few rows) and dequantised
+# Few rows take the int8 kernel; past Int8Linear.kernel_rows (32 or 128), a dequantised copy (fp32 or bf16).
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (5, 7, 96), (2, 100, 96)])
 def test_int8_linear_round_trips_and_computes_with_its_weights(shape):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=False)

@@ -227,7 +227,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     """softmax(q k^T / sqrt(D) + mask) v for one query per row (decoding): q [B, H, 1, D], k, v [B, KV, S, D]
     (H a multiple of KV), mask [B, 1, 1, S] (True: may attend) or None; k_new, v_new [B, KV, 1, D]: one more
     key and value after those, always attended (the step's own, not yet in the cache). Two small matmuls in
-    fp32 (fp64 for fp64 inputs): in a compiled decode step on a CPU they took about a quarter of the time of
+    fp32 (fp64 for fp64 inputs): in a compiled decode step on a CPU they took less than half the time of
     SDPA's flash kernel, whose blocking is made for many queries (b1 minimind2-small, 256 cached positions:
     1.25x tokens/s overall), and fp32 scores keep greedy decoding on SDPA's tokens (bf16 scores did not). A row
     with every key masked (an idle serving slot) gets zeros, as SDPA gives."""

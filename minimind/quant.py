@@ -35,7 +35,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16))
         # Past `kernel_rows` rows (a prefill) a matmul on a dequantised copy beats the int8 kernel. A CPU without
         # bf16 instructions emulates bf16 arithmetic, so there the copy is fp32: measured on such a CPU at 512
-        # rows, fp32 2.2x the int8 kernel and 4.2x a bf16 copy, break-even near 128 rows. With bf16
+        # rows, fp32 2.2x the int8 kernel and 4.2x a bf16 copy; break-even between 128 and 256 rows. With bf16
         # instructions (not measured: no such CPU here) the copy stays bf16 from 32 rows, as before.
         self.fp32_matmul = not cpu_has_bf16()
         self.kernel_rows = 128 if self.fp32_matmul else 32

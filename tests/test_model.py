@@ -209,6 +209,10 @@ def test_one_query_attention_equals_sdpa():
         torch.testing.assert_close(one_query_attention(q, k, v, m), sdpa(q, k, v, attn_mask=m, enable_gqa=True),
                                    rtol=0, atol=1e-12)
     assert one_query_attention(q, k, v, mask)[2].abs().max() == 0
+    # The decode step's form: the last key and value given apart (not yet in the cache), always attended (so the
+    # idle row, whose outputs serving drops, is left out of the comparison).
+    apart = one_query_attention(q, k[:, :, :-1], v[:, :, :-1], mask[..., :-1], k[:, :, -1:], v[:, :, -1:])
+    torch.testing.assert_close(apart[:2], sdpa(q, k, v, attn_mask=mask, enable_gqa=True)[:2], rtol=0, atol=1e-12)
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     ours = one_query_attention(qb, kb, vb, mask)
     assert ours.dtype == torch.bfloat16

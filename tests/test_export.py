@@ -326,6 +326,24 @@ def test_cli_export_gguf(model_dirs, tmp_path, capsys):
     assert "ollama create llama -f" in capsys.readouterr().out
 
 
+
+def test_a_vision_model_exports_its_decoder_and_says_so(model_dirs, tokenizer, tmp_path, capsys):
+    from minimind.vision.config import tiny_encoder
+    from minimind.vision.model import VisionLanguageModel
+
+    llm, _ = model_dirs["qwen3"]
+    save_model(VisionLanguageModel.from_llm(llm, tiny_encoder(hidden_size=32, heads=2)), tmp_path / "v", tokenizer)
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "gguf", "--model", str(tmp_path / "v"), "--out", str(tmp_path / "v.gguf"),
+                              "--type", "f32"])
+    args.func(args)
+    assert "decoder alone" in capsys.readouterr().out
+    _, tensors, _ = read_back(tmp_path / "v.gguf")
+    want = expected_tensors(llm)
+    assert set(tensors) == set(want)  # the tower and projector are left out
+    assert all(np.array_equal(tensors[name], want[name]) for name in want)
+
 # ---- a small interpreter for the subset of Go's text/template the Modelfile uses, to check its output --------
 
 _ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)

@@ -10,6 +10,7 @@ from pathlib import Path
 from minimind.commands.flags import add_rope_scaling_flag
 from minimind.config import PRESETS, ModelConfig
 from minimind.importer import CONFIG_FLAGS, DTYPE_NAMES, import_model
+from minimind.vision.config import read_vision_config
 
 
 def _size(path: Path) -> str:
@@ -24,6 +25,9 @@ def cmd_export_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {meta['general.architecture']}, {len(tensors)} tensors "
           f"({', '.join(sorted(set(types.values())))}), {len(meta['tokenizer.ggml.tokens'])} tokens, {_size(out)}")
     print(f"run it: llama-cli -m {out}   (quantised files on AMX CPUs: add --repack 0)")
+    if read_vision_config(args.model) is not None:
+        print("this is the vision model's decoder alone: llama.cpp's mtmd has no projector that computes ours, so no "
+              "mmproj file is written (README: Vision)")
 
 
 def cmd_export_ollama(args: argparse.Namespace) -> None:

@@ -5,34 +5,44 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import small_model
 
 from minimind import MiniMindError
 from minimind.quant import Int8Linear, quantize, quantize_int8
 
 
-# Few rows take the int8 kernel; past Int8Linear.kernel_rows (32 or 128), a dequantised copy (fp32 or bf16).
-@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (5, 7, 96), (2, 100, 96)])
-def test_int8_linear_round_trips_and_computes_with_its_weights(shape):
+@pytest.mark.parametrize("shape", [(1, 1, 96), (3, 96), (5, 7, 96), (2, 300, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_round_trips_and_computes_with_its_weights(shape, dtype):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=False)
     with torch.no_grad():
         linear.weight[3] *= 50  # a row with much larger weights gets its own scale
     q = Int8Linear(linear)
     assert q.weight.dtype == torch.int8 and q.scale.shape == (40,)
-    err = (q.dequantized().float() - linear.weight).abs()
     step = linear.weight.abs().amax(1) / 127
-    # Half a step from rounding, plus the bf16 scale's own rounding (2^-8 relative to the row's largest).
-    assert bool((err <= step[:, None] * 0.5 + linear.weight.abs().amax(1)[:, None] * 2**-8).all())
-    x = torch.randn(shape)
-    xb = x.bfloat16().float()
-    expected = F.linear(xb, q.dequantized())
+    assert bool(((q.dequantized() - linear.weight).abs() <= step[:, None] * 0.501).all())  # half a step
+    x = torch.randn(shape).to(dtype)
+    x[..., 5] *= 30  # an outlier feature sets each row's activation step
     got = q(x)
-    assert got.shape == (*shape[:-1], 40) and got.dtype == torch.bfloat16
-    # bf16 output and accumulation: error small against the size of the terms summed, |x| @ |W|^T.
-    magnitude = F.linear(xb.abs(), q.dequantized().abs())
-    assert float(((got.float() - expected).abs() / magnitude).max()) < 1e-2
+    assert got.shape == (*shape[:-1], 40) and got.dtype == dtype
+    # What it computes: each row of x rounded to int8 with its own step, times the int8 weights, in exact
+    # integer sums; so only the output's own rounding (bf16: 2^-8) remains against this float64 reference.
+    rows = x.double().reshape(-1, 96)
+    x_step = rows.abs().amax(-1, keepdim=True) / 127
+    expected = ((rows / x_step).round() * x_step) @ q.dequantized().double().t()
+    magnitude = rows.abs() @ q.dequantized().double().abs().t()
+    tolerance = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    assert float(((got.double().reshape(-1, 40) - expected).abs() / magnitude).max()) < tolerance
+    # Against the float layer, within the bound of the two roundings: half a step of each weight row and of
+    # each activation row, |dy| <= sum_k |x_k| |dW_k| + |dx_k| |W_k| + |dx_k| |dW_k| (plus the output's rounding).
+    w, dw = linear.weight.detach().double(), step.double()[:, None] / 2
+    dx = x_step / 2
+    bound = rows.abs() @ dw.expand_as(w).t() + dx * w.abs().sum(1) + dx * dw.sum(1) * 96
+    diff = (got.double().reshape(-1, 40) - rows @ w.t()).abs()
+    assert bool((diff <= bound * 1.001 + tolerance * magnitude).all())
+    # Each row is rounded on its own: a row's output does not depend on the batch it is in.
+    assert torch.equal(q(x.reshape(-1, 96)[-1:]), got.reshape(-1, 40)[-1:])
 
 
 def test_quantised_model_keeps_the_logits(family):
@@ -44,9 +54,11 @@ def test_quantised_model_keeps_the_logits(family):
         got = quant(ids).logits.float()
     plain = [n for n, m in quant.named_modules() if isinstance(m, torch.nn.Linear)]
     assert all(n.endswith("mlp.gate") for n in plain), plain  # only MoE routers stay unquantised
-    # Relative to the logits' spread: int8 weights and bf16 activations cost about a percent, a bug far more.
-    rel = (got - ref).abs().max() / ref.std()
-    assert rel < 0.1, rel
+    # Each token's largest logit error relative to the logits' spread: the roundings cost a few percent, a bug
+    # far more. Not the maximum over tokens: where an MoE router's top two experts are nearly tied for a token,
+    # any rounding can pick another expert for it (here one token in 48 moves 0.19).
+    per_token = (got - ref).abs().amax(-1) / ref.std()
+    assert per_token.quantile(0.95) < 0.1, per_token
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 

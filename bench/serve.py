@@ -1,7 +1,8 @@
 """Serving throughput: aggregate generated tokens/s with 1, 4 and 16 concurrent streaming clients against one
 continuous-batching server, and against one-request-at-a-time serving (the same server code with --max-batch 1)
 in the same run, rounds interleaved; time to first token median and p95. `python bench/serve.py [--model DIR]`
-With --compiled: also a batched server with --compile (the compiled fixed-shape decode step), against the eager one.
+With --compiled: also a batched server with --compile (the compiled fixed-shape decode step), against the eager one;
+with --int8, batched servers with --quantize int8, eager and compiled, against the eager one at --dtype.
 With --images: chat requests each carrying an image (a data URL), 1 and 8 concurrent clients batched against one
 at a time, on a vision model (default: the random preset around a random SigLIP2-base-sized tower, 256x256 p32).
 """
@@ -82,12 +83,12 @@ def image_urls(n: int, side: int = 256) -> list[str]:
     return urls
 
 
-def start(model: Path, max_batch: int, dtype: str, threads: int, compile: bool = False
+def start(model: Path, max_batch: int, dtype: str, threads: int, compile: bool = False, quantize: str = "none"
           ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "minimind", "serve", "--model", str(model), "--port", str(port),
            "--device", "cpu", "--dtype", dtype, "--max-batch", str(max_batch), "--max-queue", "256",
-           "--threads", str(threads), "--compile" if compile else "--no-compile"]
+           "--threads", str(threads), "--compile" if compile else "--no-compile", "--quantize", quantize]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--images", action="store_true", help="image chat requests (--model: a vision model directory)")
     ap.add_argument("--tower", default="base", choices=["base", "tiny"], help="the random tower for --images")
     ap.add_argument("--compiled", action="store_true", help="also a batched server with --compile")
+    ap.add_argument("--int8", action="store_true", help="also batched servers with --quantize int8, eager and "
+                    "compiled (int8 weights and activations; the other servers keep --dtype)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +188,9 @@ def main() -> None:
                    "one-at-a-time": start(model, 1, args.dtype, args.threads)}
         if args.compiled:
             servers["batched compiled"] = start(model, 16, args.dtype, args.threads, compile=True)
+        if args.int8:
+            servers["batched int8"] = start(model, 16, args.dtype, args.threads, quantize="int8")
+            servers["int8 compiled"] = start(model, 16, args.dtype, args.threads, compile=True, quantize="int8")
         try:
             counts = (1, 8) if args.images else (1, 4, 16)
             configs = [("one-at-a-time", counts[-1])] + [(name, c) for name in servers if name != "one-at-a-time"
@@ -192,10 +198,12 @@ def main() -> None:
             with httpx.Client() as http:  # warm up all
                 for _, url in servers.values():
                     one_request(http, url, prompts[0], 4)
-            if args.compiled:  # compile the batch sizes and cache lengths the measured rounds will meet, which
-                for c in counts:  # depend on when requests join: a few passes each
+            # compile the batch sizes and cache lengths the measured rounds will meet, which depend on when
+            # requests join: a few passes each
+            for name in [n for n in servers if "compiled" in n]:
+                for c in counts:
                     for _ in range(3):
-                        load(servers["batched compiled"][1], c, prompts, args.new_tokens)
+                        load(servers[name][1], c, prompts, args.new_tokens)
             runs: dict = {c: [] for c in configs}
             for r in range(args.rounds):
                 for name, clients in configs:
@@ -218,10 +226,10 @@ def main() -> None:
         ttft = [t for x in res for t in x["ttft"]]
         print(f"| {name} | {clients} | {tok_s:.1f} | {tok_s / base:.2f}x | {statistics.median(ttft):.3f} | "
               f"{p95(ttft):.3f} |")
-    if args.compiled:
+    for name in [n for n in servers if n not in ("batched", "one-at-a-time")]:
         for c in counts:
-            ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(runs[("batched compiled", c)], runs[("batched", c)])]
-            print(f"compiled / eager, {c} clients: {statistics.median(ratios):.2f}x (per round: "
+            ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(runs[(name, c)], runs[("batched", c)])]
+            print(f"{name} / batched, {c} clients: {statistics.median(ratios):.2f}x (per round: "
                   f"{', '.join(f'{r:.2f}' for r in ratios)})")
 
 

@@ -32,7 +32,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True, compile: 
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: weight-only int8 with bf16 activations, the fastest batch-1 decoding on a CPU")
+                   help="int8: int8 weights and (on a CPU) int8 activations, the fastest decoding on a CPU")
     add_rope_scaling_flag(p, "override the model's RoPE scaling")
     # Off by default for one-shot commands: a cold compile costs 40-70 s on a small CPU before the first token
     # (a few seconds once Inductor's on-disk cache is warm), which a quick chat never earns back.

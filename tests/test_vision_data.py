@@ -492,3 +492,23 @@ def test_minimind_v_dataset_code_reads_our_parquet_as_we_do(tmp_path, monkeypatc
             assert (labels_u[n:] == -100).all()
             if len(pixels):  # its text-only row still carries the stand-in image, which no pad takes
                 assert (pixels_u["pixel_values"].reshape(pixels.shape) - pixels).abs().max() < 1e-5, (path, i)
+
+
+def test_scene_labels_name_each_object_left_to_right_and_bad_keys_name_the_row(tmp_path):
+    assert list(gen.SCENE_LABELS) == ["count", "shape", "colour", "size", "column", "row", "shape2", "colour2", "size2",
+                                      "column2", "row2"]
+    two = gen.Scene((gen.Obj("triangle", "blue", cell=5, size=0), gen.Obj("circle", "red", cell=3, size=2)))
+    assert gen.scene_labels(two) == [1, 0, 0, 2, 0, 1, 2, 2, 0, 2, 1]  # the red circle is left (column 0, row 1)
+    one = gen.Scene((gen.Obj("square", "green", cell=7, size=1),))
+    assert gen.scene_labels(one) == [0, 1, 1, 1, 1, 2] + [gen.NO_LABEL] * 5
+    many = gen.Scene(tuple(gen.Obj("circle", "orange", cell=c, size=c % 3) for c in (8, 1, 6)))
+    assert gen.scene_labels(many) == [2, 0, 5, 0, 0, 2] + [gen.NO_LABEL] * 5  # cell 6 is left-most
+    assert gen.scene_of_key(repr(two.key)).key == two.key
+    rows = gen.make_vision(6, seed=0, kinds=["shape", "count", "position"])
+    write_vision_parquet(tmp_path / "ok.parquet", rows)
+    ds = gen.SceneDataset(tmp_path / "ok.parquet", {"size": 32}, image_tokens=16)
+    assert len(ds) == 6 and ds.stats.tokens == 96 and ds[0][0].shape == (1, 3, 32, 32)
+    assert ds.labels.tolist() == [gen.scene_labels(gen.scene_of_key(r["key"])) for r in rows]
+    write_vision_parquet(tmp_path / "bad.parquet", rows[:2] + gen.make_vision(1, seed=0, kinds=["read"]))
+    with pytest.raises(MiniMindError, match=r"bad\.parquet:3: key .* is not a scene of objects"):
+        gen.SceneDataset(tmp_path / "bad.parquet", {"size": 32}, image_tokens=16)

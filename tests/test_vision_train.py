@@ -18,7 +18,7 @@ from minimind.data.vision import write_vision_parquet
 from minimind.tokenizer import save_tokenizer
 from minimind.train.config import TrainConfig
 from minimind.train.loop import train
-from minimind.train.vision import VisionPretrainStage, VisionSFTStage
+from minimind.train.vision import VisionPretrainStage, VisionSFTStage, VisionTowerStage
 from minimind.vision.model import VisionLanguageModel
 
 
@@ -105,6 +105,28 @@ def test_resume_equals_the_uninterrupted_run(setup, tmp_path):
     a, b = weights(tmp_path / "straight" / "model"), weights(crashed / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert losses(crashed) == losses(tmp_path / "straight")
+
+
+def test_tower_stage_learns_the_scene_labels_and_saves_a_vision_model_without_heads(setup, tmp_path):
+    write_vision_parquet(tmp_path / "scenes.parquet", make_vision(24, seed=0, kinds=["shape", "count", "size"]))
+    start = VisionLanguageModel.from_llm(load_model(setup / "llm"), None, seed=42).state_dict()
+    # Each step the whole set (24 images), so the losses compare.
+    out = train(opts(setup, tmp_path / "tower", data=str(tmp_path / "scenes.parquet"), batch_size=24, steps=10,
+                     lr=3e-3, warmup_steps=1), VisionTowerStage)
+    curve = losses(tmp_path / "tower")
+    assert len(curve) == 10 and curve == sorted(curve, reverse=True) and curve[-1] < 0.75 * curve[0], curve
+    tower = weights(out)
+    assert tower.keys() == {k for k in start if k != "lm_head.weight"}  # no head left (lm_head is tied)
+    changed = {k for k in tower if not torch.equal(tower[k], start[k])}
+    assert changed and all(k.startswith("vision_encoder.") for k in changed)  # decoder and projector as built
+    # vision-pretrain goes on from it with the tower frozen (as the demo runs it)
+    pre = weights(train(opts(setup, tmp_path / "pre", data=str(setup / "captions.parquet"), init_from=str(out),
+                             steps=2, freeze_llm=0), VisionPretrainStage))
+    assert all(torch.equal(pre[k], tower[k]) for k in tower if k.startswith("vision_encoder."))
+    rows = [{k: r[k] for k in ("conversations", "images")} for r in make_vision(2, seed=0, kinds=["colour"])]
+    write_vision_parquet(tmp_path / "nokey.parquet", rows)
+    with pytest.raises(MiniMindError, match=r"nokey\.parquet: no `key`"):
+        train(opts(setup, tmp_path / "bad", data=str(tmp_path / "nokey.parquet")), VisionTowerStage)
 
 
 def test_configs_hold_minimind_v_settings():

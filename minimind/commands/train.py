@@ -31,7 +31,7 @@ STAGES = {
     "distill": "minimind.train.distill:DistillStage", "reward": "minimind.train.reward:RewardStage",
     "grpo": "minimind.train.grpo:GRPOStage", "ppo": "minimind.train.ppo:PPOStage",
     "agent": "minimind.train.agent:AgentStage", "vision-pretrain": "minimind.train.vision:VisionPretrainStage",
-    "vision-sft": "minimind.train.vision:VisionSFTStage",
+    "vision-sft": "minimind.train.vision:VisionSFTStage", "vision-tower": "minimind.train.vision:VisionTowerStage",
 }
 
 
@@ -57,7 +57,7 @@ def settings_help() -> str:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `train` and `init`."""
     p = sub.add_parser("train", help="train a stage (pretrain, sft, lora, dpo, distill, reward, grpo, ppo, agent, "
-                       "vision-pretrain, vision-sft)",
+                       "vision-tower, vision-pretrain, vision-sft)",
                        description=(
         "Settings come from --config FILE.toml, then --key value overrides of any setting: dashed (--init-from "
         "DIR) or, as older scripts write them, underscored (--init_from DIR). On/off settings take --progress / "

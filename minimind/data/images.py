@@ -6,6 +6,7 @@ training. `rows = make_vision(500, seed=0, size=64)`; `write_vision_builtin("dat
 
 from __future__ import annotations
 
+import ast
 import io
 import math
 import random
@@ -14,12 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from minimind import MiniMindError
 from minimind.chat import IMAGE
+from minimind.data.pack_workers import PackStats
 from minimind.data.tasks import DEDUPE_TRIES, SPLIT_TRIES, SPLITS, split_of
-from minimind.data.vision import IMAGE_SIZE, write_vision_parquet
+from minimind.data.vision import IMAGE_SIZE, preprocess, write_vision_parquet
 
 KINDS = ("shape", "colour", "count", "position", "size", "read", "chart")
 SHAPES = ("circle", "square", "triangle")
@@ -341,6 +344,76 @@ def is_correct(row: dict, text: str) -> bool:
         if hit:
             found.append((hit.start(), option))
     return bool(found) and min(found)[1] == answer
+
+
+# What an image of objects shows, as class labels for a vision tower trained alone (train.vision.VisionTowerStage):
+# label -> classes. The objects are taken left to right (column, then row): the first is the left-most, the
+# second the other one of a two-object scene (-100, no label, elsewhere). Naming both objects' shape, colour,
+# size and place asks the tower for what every question kind needs, bound to the object it belongs to.
+SCENE_LABELS = {"count": MAX_COUNT, "shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES),
+                "column": GRID, "row": GRID, "shape2": len(SHAPES), "colour2": len(COLOURS), "size2": len(SIZES),
+                "column2": GRID, "row2": GRID}
+NO_LABEL = -100
+
+
+def scene_labels(scene: Scene) -> list[int]:
+    """The scene's SCENE_LABELS values, in order (NO_LABEL where a label does not apply)."""
+    objs = sorted(scene.objects, key=lambda o: (o.cell % GRID, o.cell // GRID))
+    if not objs:
+        return [NO_LABEL] * len(SCENE_LABELS)
+    out = [len(objs) - 1]
+    for o in objs[:2] if len(objs) == 2 else objs[:1]:
+        out += [SHAPES.index(o.shape), list(COLOURS).index(o.colour), o.size, o.cell % GRID, o.cell // GRID]
+    return out + [NO_LABEL] * (len(SCENE_LABELS) - len(out))
+
+
+def scene_of_key(text: str) -> Scene:
+    """The scene of an objects image from its `key` column (repr of Scene.key); ValueError if it is not one."""
+    try:
+        kind, objs = ast.literal_eval(text)  # a literal only: never code
+        scene = Scene(tuple(Obj(*o) for o in objs)) if kind == "objects" else None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        scene = None
+    if scene is None or not scene.objects or not all(
+            o.shape in SHAPES and o.colour in COLOURS and o.cell in range(GRID * GRID) and o.size in range(len(SIZES))
+            for o in scene.objects) or len(scene.objects) > MAX_COUNT:
+        raise ValueError(f"key {text[:80]!r} is not a scene of objects")
+    return scene
+
+
+class SceneDataset:
+    """The images of a built-in image Parquet (write_vision_builtin's: its `key` column names each scene) with
+    their scene_labels, for VisionTowerStage: item i is (pixel_values [1, 3, H, W], labels int64
+    [len(SCENE_LABELS)]). A row that is not a scene of objects raises MiniMindError naming file and row.
+    `image_spec`: preprocess's keyword arguments; `image_tokens` (the tower's patches) only counts `.stats`."""
+
+    def __init__(self, path: str | Path, image_spec: dict, image_tokens: int) -> None:
+        import pyarrow.parquet as pq
+
+        self.path, self.image_spec = Path(path), image_spec
+        if not self.path.is_file():
+            raise MiniMindError(f"{self.path}: no such file")
+        names = pq.ParquetFile(self.path).schema_arrow.names
+        if "key" not in names or "image_bytes" not in names:
+            raise MiniMindError(f"{self.path}: no `key` and `image_bytes` columns: a vision tower trains alone on "
+                                "the built-in images (write_vision_builtin), whose `key` names each scene")
+        table = pq.read_table(self.path, columns=["image_bytes", "key"]).to_pydict()
+        self.images, labels = table["image_bytes"], []
+        for n, key in enumerate(table["key"], 1):
+            try:
+                labels.append(scene_labels(scene_of_key(key if isinstance(key, str) else "")))
+            except ValueError as e:
+                raise MiniMindError(f"{self.path}:{n}: {e}") from None
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.stats = PackStats(documents=len(labels), rows=len(labels), tokens=len(labels) * image_tokens,
+                               source_bytes=self.path.stat().st_size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[i]
+        return preprocess([image[0] if isinstance(image, list) else image], **self.image_spec), self.labels[i]
 
 
 def write_vision_builtin(out_dir: str | Path, seed: int = 0, size: int = IMAGE_SIZE, sft_rows: int = 4000,

@@ -325,7 +325,7 @@ def _train(cfg: TrainConfig, stage_class: type[Stage], d: Dist, device: torch.de
         at.step += 1
         at.samples += plan.rows_per_step
         clock.step_ends.append(time.perf_counter())
-        clock.tokens_since += sum(b["input_ids"].numel() for b in micro) * d.world  # SFT rows are padded per batch
+        clock.tokens_since += sum(stage.tokens(b) for b in micro) * d.world  # SFT rows are padded per batch
         clock.flops_since += sum(batch_flops(model.config, *stage.flop_shape(b), stage.passes) for b in micro)
         bar.update(1)
 

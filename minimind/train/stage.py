@@ -95,6 +95,7 @@ class Stage(ABC):
       prepare(model, micro)         turn each step's micro-batches into training batches (RL rollouts)
       count(batch), loss(model, batch)   per micro-batch, for the gradient
       flop_shape(batch)             per micro-batch, for MFU: real tokens per row, output-head positions
+      tokens(batch)                 per micro-batch, for tokens/s: the positions it runs (padding included)
       state() -> dict               with every checkpoint: whatever else decides the next steps (tensors,
                                     numbers, strings, lists and dicts only: it is read with weights_only)
       save(model, out, tokenizer)   once at the end, into run_dir / output
@@ -142,6 +143,10 @@ class Stage(ABC):
         (loop.batch_flops): by default the head runs at every real token."""
         lengths = real_lengths(batch)
         return lengths, sum(lengths)
+
+    def tokens(self, batch: Batch) -> int:
+        """The batch's token positions, padding included (tokens/s counts what the step runs)."""
+        return batch["input_ids"].numel()
 
     def state(self) -> dict[str, Any]:
         return {}

@@ -129,6 +129,23 @@ def test_tower_stage_learns_the_scene_labels_and_saves_a_vision_model_without_he
         train(opts(setup, tmp_path / "bad", data=str(tmp_path / "nokey.parquet")), VisionTowerStage)
 
 
+def test_tower_stage_resumes_exactly(setup, tmp_path):
+    """The heads are in the checkpoints (not in the saved model): a resumed run ends with the same tower."""
+    write_vision_parquet(tmp_path / "scenes.parquet", make_vision(24, seed=0, kinds=["shape", "count"]))
+    kw = dict(data=str(tmp_path / "scenes.parquet"), batch_size=8, steps=4, save_every=2, keep_last=2, lr=3e-3,
+              warmup_steps=1)
+    train(opts(setup, tmp_path / "straight", **kw), VisionTowerStage)
+    crashed = tmp_path / "crashed"
+    shutil.copytree(tmp_path / "straight", crashed)
+    shutil.rmtree(crashed / "model")
+    shutil.rmtree(crashed / "checkpoints" / "step_4")
+    (crashed / "checkpoints" / "latest").write_text("step_2\n")
+    train(opts(setup, crashed, resume=True, **kw), VisionTowerStage)
+    a, b = weights(tmp_path / "straight" / "model"), weights(crashed / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(crashed) == losses(tmp_path / "straight")
+
+
 def test_configs_hold_minimind_v_settings():
     from minimind.train.config import load_config
 

@@ -101,10 +101,12 @@ class VisionTowerStage(Stage):
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("vision_encoder.")
         width, dtype = model.vision.feature_size, model.vision_proj.mlp[1].weight.dtype
-        model.tower_heads = nn.ModuleDict({k: nn.Linear(width, n) for k, n in SCENE_LABELS.items()}).to(dtype)
-        self.vision = model.vision
         self.say(f"vision-tower: {sum(p.numel() for p in model.vision_encoder.parameters()):,} tower parameters "
                  f"with heads for {', '.join(SCENE_LABELS)} (dropped when saved)")
+        # Inside the tower's module, so checkpoints name them under `vision_encoder.` as resume expects.
+        model.vision_encoder.tower_heads = nn.ModuleDict(
+            {k: nn.Linear(width, n) for k, n in SCENE_LABELS.items()}).to(dtype)
+        self.vision = model.vision
         return model.to(device)
 
     def dataset(self, path: str) -> SceneDataset:
@@ -126,7 +128,7 @@ class VisionTowerStage(Stage):
         tower = model.vision_encoder
         pooled = patch_features(tower, self.vision.kind, batch["pixel_values"].to(tower.dtype)).mean(1)
         total, extras = pooled.new_zeros((), dtype=torch.float32), {}
-        for j, (name, head) in enumerate(model.tower_heads.items()):
+        for j, (name, head) in enumerate(tower.tower_heads.items()):
             logits, target = head(pooled).float(), batch["labels"][:, j]
             total = total + F.cross_entropy(logits, target, ignore_index=NO_LABEL, reduction="sum")
             has = target != NO_LABEL
@@ -135,9 +137,10 @@ class VisionTowerStage(Stage):
         return total, len(pooled), extras
 
     def save(self, model: torch.nn.Module, out, tokenizer) -> None:
-        heads = model.tower_heads
-        del model.tower_heads
+        tower = model.vision_encoder
+        heads = tower.tower_heads
+        del tower.tower_heads
         try:
             save_model(model, out, tokenizer)
         finally:
-            model.tower_heads = heads
+            tower.tower_heads = heads

@@ -66,10 +66,11 @@ def accuracy_by_kind(rows: list[dict], replies: list[str]) -> dict[str, tuple[in
     return {k: (c[0], c[1]) for k, c in sorted(counts.items(), key=lambda kv: list(CHANCE).index(kv[0]))}
 
 
-# The demo's recipe: fixed step counts, so a seed trains the same on any machine (about 7 minutes a seed on one
-# thread of the 2-core machine). First the tower alone (vision-tower): learning from scratch only through the
-# decoder's answers, it learned colour and little else (shape, count, position and size at chance), while a head
-# per scene label (count, each object's shape, colour, size and place) teaches it counts and shapes in a minute.
+# The demo's recipe: fixed step counts, so a seed takes the same steps on any machine (about 7 minutes a seed on
+# one thread of the 2-core machine, 4.4 on its two). First the tower alone (vision-tower): learning from scratch
+# only through the decoder's answers, it learned colour and little else (shape, count, position and size at
+# chance), while a head per scene label (count, each object's shape, colour, size and place) teaches it counts and
+# shapes in a minute.
 # It then stays frozen: trained on through the decoder (at vision_lr) it lost much of what the labels taught it
 # (one seed: shape 38% against 57% frozen, count 52% against 63%). The whole decoder trains (freeze_llm 0) at a
 # small rate beside the projector at a larger one: with the decoder frozen (MiniMind-V's freeze_llm 2), the only

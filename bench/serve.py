@@ -104,7 +104,8 @@ def start(model: Path, max_batch: int, dtype: str, threads: int, compile: bool =
 
 def one_request(http: httpx.Client, url: str, prompt: list[int] | str, new_tokens: int) -> tuple[float, int]:
     """Stream one completion (token ids), or one chat answer about an image (a data URL); returns (time to
-    first token, completion tokens)."""
+    first token, completion tokens). The stream is read as raw bytes and only its last event (the usage) is
+    parsed: the load generator shares the CPU with the server, so it does as little per token as it can."""
     body = {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     if isinstance(prompt, str):
@@ -112,43 +113,54 @@ def one_request(http: httpx.Client, url: str, prompt: list[int] | str, new_token
             {"type": "image_url", "image_url": {"url": prompt}}, {"type": "text", "text": "Describe the picture."}]}]
     else:
         route, body["prompt"] = "/v1/completions", prompt
-    start, ttft, tokens = time.perf_counter(), None, 0
+    start, ttft, tail = time.perf_counter(), None, b""
     with http.stream("POST", url + route, json=body, timeout=600) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
+        for chunk in r.iter_raw():  # the server sends the headers with the first token's event
             if ttft is None:
                 ttft = time.perf_counter() - start
-            if '"usage": {' in line:  # only the last chunk (others say null): keep the client's own work small
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    return ttft or 0.0, tokens
+            tail = (tail + chunk)[-4096:]
+    usage = tail[tail.rindex(b'data: {'):].split(b"\n", 1)[0]  # the last event before [DONE]
+    return ttft or 0.0, json.loads(usage[6:])["usage"]["completion_tokens"]
 
 
-def load(url: str, clients: int, prompts: list[list[int]], new_tokens: int) -> dict:
-    """`clients` closed-loop clients work through all prompts; aggregate tokens/s over the wall time."""
+class Clients:
+    """`n` HTTP clients kept for the whole run, each with its own kept-alive connection, so a round times the
+    server and not the making of clients (an SSL context each) or of connections."""
+
+    def __init__(self, n: int) -> None:
+        self.http = [httpx.Client() for _ in range(n)]
+
+    def close(self) -> None:
+        for h in self.http:
+            h.close()
+
+
+def load(url: str, clients: Clients, count: int, prompts: list[list[int]], new_tokens: int) -> dict:
+    """`count` closed-loop clients work through all prompts; aggregate tokens/s over the wall time."""
     todo: queue.Queue = queue.Queue()
     for p in prompts:
         todo.put(p)
     ttfts, tokens, lock = [], [0], threading.Lock()
+    go = threading.Barrier(count + 1)
 
-    def client() -> None:
-        http = httpx.Client()  # one connection per client, kept alive between its requests
+    def client(http: httpx.Client) -> None:
+        go.wait()
         while True:
             try:
                 p = todo.get_nowait()
             except queue.Empty:
-                http.close()
                 return
             t, n = one_request(http, url, p, new_tokens)
             with lock:
                 ttfts.append(t)
                 tokens[0] += n
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(h,)) for h in clients.http[:count]]
     for t in threads:
         t.start()
+    go.wait()  # every client thread is up: the clock starts as they all begin
+    start = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
@@ -191,26 +203,27 @@ def main() -> None:
         if args.int8:
             servers["batched int8"] = start(model, 16, args.dtype, args.threads, quantize="int8")
             servers["int8 compiled"] = start(model, 16, args.dtype, args.threads, compile=True, quantize="int8")
+        counts = (1, 8) if args.images else (1, 4, 16)
+        clients = Clients(counts[-1])
         try:
-            counts = (1, 8) if args.images else (1, 4, 16)
             configs = [("one-at-a-time", counts[-1])] + [(name, c) for name in servers if name != "one-at-a-time"
                                                           for c in counts]
-            with httpx.Client() as http:  # warm up all
-                for _, url in servers.values():
-                    one_request(http, url, prompts[0], 4)
+            for _, url in servers.values():  # warm up all, and open every client's connection to each
+                load(url, clients, counts[-1], prompts[:counts[-1]], 4)
             # compile the batch sizes and cache lengths the measured rounds will meet, which depend on when
             # requests join: a few passes each
             for name in [n for n in servers if "compiled" in n]:
                 for c in counts:
                     for _ in range(3):
-                        load(servers[name][1], c, prompts, args.new_tokens)
+                        load(servers[name][1], clients, c, prompts, args.new_tokens)
             runs: dict = {c: [] for c in configs}
             for r in range(args.rounds):
-                for name, clients in configs:
-                    res = load(servers[name][1], clients, prompts, args.new_tokens)
-                    runs[(name, clients)].append(res)
-                    print(f"round {r + 1}: {name:14s} {clients:2d} clients: {res['tok_s']:7.1f} tok/s", flush=True)
+                for name, count in configs:
+                    res = load(servers[name][1], clients, count, prompts, args.new_tokens)
+                    runs[(name, count)].append(res)
+                    print(f"round {r + 1}: {name:14s} {count:2d} clients: {res['tok_s']:7.1f} tok/s", flush=True)
         finally:
+            clients.close()
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)

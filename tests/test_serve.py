@@ -922,3 +922,38 @@ def test_sixteen_concurrent_streams_equal_single_requests(client, server):
         t.join(120)
     assert outs == alone
     assert httpx.get(server + "/health", headers=KEY).json()["peak_batch"] >= 4  # they really were decoded together
+
+
+POOL_PROBE = """
+import os, sys, time, torch
+from minimind.cli import build_parser
+from minimind.commands.flags import load_model_from
+from minimind.commands.serve import load_served_model
+torch.set_num_threads(2)
+args = build_parser().parse_args(["serve", "--model", sys.argv[1], "--threads", "2", "--quantize", "int8"])
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+if sys.argv[2] == "served":
+    load_served_model(args)
+    deadline = time.time() + 10  # the ended thread's pool is freed as it exits, a moment after join()
+    while threads() > before and time.time() < deadline:
+        time.sleep(0.01)
+else:
+    load_model_from(args)
+print(threads() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc (Linux)")
+def test_loading_for_serving_leaves_no_openmp_pool_on_the_main_thread(chat_model_dir):
+    """The scheduler's thread must hold the process's only OpenMP pool (a second one made decode steps 2.4x
+    slower), so `serve` loads on a thread that ends. Counted in a fresh process: loading on the main thread
+    leaves a pool worker behind (the probe sees pools), load_served_model leaves none."""
+    def extra_threads(how: str) -> int:
+        out = subprocess.run([sys.executable, "-c", POOL_PROBE, str(chat_model_dir), how], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert extra_threads("main") >= 1
+    assert extra_threads("served") == 0

@@ -223,6 +223,35 @@ def test_continuous_batching_decodes_each_row_as_if_alone(mode, monkeypatch):
     assert sched.peak_batch == 5
 
 
+def test_a_compiling_scheduler_compiles_every_slot_count_before_it_serves(monkeypatch):
+    """start() returns once the decode step has run for each batch-slot count (powers of two up to max_batch's)
+    at the first cache length, on the scheduler's thread: no request waits for those compiles."""
+    from minimind import generation
+    from minimind.serve import scheduler
+
+    shapes, threads = [], set()
+
+    def step(model, cache, tokens, compile):
+        shapes.append((cache.k.shape[1], cache.k.shape[3], compile))
+        threads.add(threading.current_thread().name)
+        return generation.fixed_step(model, cache, tokens, False)  # eager: compiles are slow
+
+    monkeypatch.setattr(scheduler, "fixed_step", step)
+    model = small_model("qwen3")
+    sched = Scheduler(model, None, max_batch=5, compile=True)
+    sched.start()
+    try:
+        length = min(128, model.config.max_position_embeddings)
+        assert shapes == [(slots, length, True) for slots in (1, 2, 4, 8)]
+        assert threads == {"minimind-scheduler"}
+    finally:
+        sched.stop()
+    eager = Scheduler(model, None, max_batch=5, compile=False)
+    eager.start()
+    eager.stop()
+    assert len(shapes) == 4  # an eager scheduler runs no warm-up step
+
+
 @pytest.fixture
 def idle_app(tokenizer, monkeypatch):
     """An app whose scheduler never runs (so its queue stays as a test fills it): max_batch 1, max_queue 1."""

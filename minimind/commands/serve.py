@@ -69,7 +69,7 @@ def start_api_thread(args: argparse.Namespace, host: str, port: int):
     app = create_app(model, tokenizer, name=args.name or Path(args.model).resolve().name, **app_options(args, model))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, name="minimind-api", daemon=True).start()
-    deadline = time.time() + 60
+    deadline = time.time() + (1800 if getattr(args, "compile", False) else 60)  # compiles come first
     while not server.started:
         if time.time() > deadline or (server.should_exit and not server.started):
             raise MiniMindError(f"the API server did not start on {host}:{port}")

@@ -85,7 +85,8 @@ class Scheduler:
     together (left-padded) and then decode with the batch, padding masked, each row as if it were alone. Sampling
     settings travel per row in THE Sampler (Sampler.extend/keep). With `compile` (None: the model's
     compile_decode) each step runs generation's compiled fixed-shape step: the cache is padded to a power-of-two
-    number of rows (batch slots) and positions, so a handful of shapes serve every mix of requests."""
+    number of rows (batch slots) and positions, so a handful of shapes serve every mix of requests; start()
+    compiles every slot count at the first cache length before it returns (see _warm_up)."""
 
     def __init__(self, model: MiniMindForCausalLM, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  compile: bool | None = None) -> None:
@@ -110,9 +111,12 @@ class Scheduler:
     # ---- called from other threads --------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the scheduler thread; with `compile`, return once its decode steps are compiled."""
         if self.thread is None:
-            self.thread = threading.Thread(target=self._loop, name="minimind-scheduler", daemon=True)
+            warm = threading.Event()
+            self.thread = threading.Thread(target=self._loop, args=(warm,), name="minimind-scheduler", daemon=True)
             self.thread.start()
+            warm.wait()
 
     def stop(self) -> None:
         with self.cond:
@@ -158,8 +162,15 @@ class Scheduler:
 
     # ---- the scheduler thread -------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, warm: threading.Event) -> None:
         with torch.inference_mode():
+            try:
+                if self.compile:
+                    self._warm_up()
+            except Exception:  # the first requests compile what is missing
+                log.exception("compiling the decode steps at start failed")
+            finally:
+                warm.set()
             while True:
                 with self.cond:
                     while not self.stopping and not self.rows and not self.waiting:
@@ -182,6 +193,15 @@ class Scheduler:
                 except Exception as e:  # a bug, or out of memory in the batch's shared state: keep serving
                     log.exception("decoding step failed")
                     self._fail_all(f"generation failed: {type(e).__name__}: {e}", admitted)
+
+    def _warm_up(self) -> None:
+        """Compile the decode step for every batch-slot count at the first cache length, on this thread (the
+        model's) before any request: a shape first met while serving stalled every running stream for the
+        seconds its compile took. Longer caches (long prompts) still compile when first met."""
+        length = cache_length(1, self.model.config.max_position_embeddings, True)
+        for slots in (1 << i for i in range((self.max_batch - 1).bit_length() + 1)):
+            tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+            fixed_step(self.model, self.model.new_cache(slots, length), tokens, True)
 
     def _admit(self, jobs: list[Job]) -> None:
         """Prefill the new jobs together and join the running batch. If the prefill raises (out of memory, a

@@ -125,20 +125,10 @@ def one_request(http: httpx.Client, url: str, prompt: list[int] | str, new_token
     return ttft or 0.0, json.loads(usage[6:])["usage"]["completion_tokens"]
 
 
-class Clients:
-    """`n` HTTP clients kept for the whole run, each with its own kept-alive connection, so a round times the
-    server and not the making of clients (an SSL context each) or of connections."""
-
-    def __init__(self, n: int) -> None:
-        self.http = [httpx.Client() for _ in range(n)]
-
-    def close(self) -> None:
-        for h in self.http:
-            h.close()
-
-
-def load(url: str, clients: Clients, count: int, prompts: list[list[int]], new_tokens: int) -> dict:
-    """`count` closed-loop clients work through all prompts; aggregate tokens/s over the wall time."""
+def load(url: str, clients: list[httpx.Client], count: int, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The first `count` of `clients` work through all prompts in a closed loop; aggregate tokens/s over the
+    wall time. The clients live for the whole run, each with its kept-alive connection, so a round times the
+    server, not the making of clients (an SSL context each) or of connections."""
     todo: queue.Queue = queue.Queue()
     for p in prompts:
         todo.put(p)
@@ -157,7 +147,7 @@ def load(url: str, clients: Clients, count: int, prompts: list[list[int]], new_t
                 ttfts.append(t)
                 tokens[0] += n
 
-    threads = [threading.Thread(target=client, args=(h,)) for h in clients.http[:count]]
+    threads = [threading.Thread(target=client, args=(h,)) for h in clients[:count]]
     for t in threads:
         t.start()
     go.wait()  # every client thread is up: the clock starts as they all begin
@@ -205,7 +195,7 @@ def main() -> None:
             servers["batched int8"] = start(model, 16, args.dtype, args.threads, quantize="int8")
             servers["int8 compiled"] = start(model, 16, args.dtype, args.threads, compile=True, quantize="int8")
         counts = (1, 8) if args.images else (1, 4, 16)
-        clients = Clients(counts[-1])
+        clients = [httpx.Client() for _ in range(counts[-1])]
         try:
             configs = [("one-at-a-time", counts[-1])] + [(name, c) for name in servers if name != "one-at-a-time"
                                                           for c in counts]
@@ -218,7 +208,8 @@ def main() -> None:
                     runs[(name, count)].append(res)
                     print(f"round {r + 1}: {name:14s} {count:2d} clients: {res['tok_s']:7.1f} tok/s", flush=True)
         finally:
-            clients.close()
+            for http in clients:
+                http.close()
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)

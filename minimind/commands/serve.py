@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from minimind import MiniMindError
@@ -41,21 +42,8 @@ def load_served_model(args: argparse.Namespace):
         import torch
 
         torch.set_num_threads(args.threads)
-    loaded: list = []
-    failed: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            loaded.append(load_model_from(args))  # applies --lora (merged into the weights)
-        except BaseException as e:  # re-raised on the caller's thread
-            failed.append(e)
-
-    thread = threading.Thread(target=load, name="minimind-load", daemon=True)
-    thread.start()
-    thread.join()
-    if failed:
-        raise failed[0]
-    return loaded[0]
+    with ThreadPoolExecutor(1, thread_name_prefix="minimind-load") as pool:  # its thread ends with the block
+        return pool.submit(load_model_from, args).result()  # applies --lora (merged into the weights)
 
 
 def start_api_thread(args: argparse.Namespace, host: str, port: int):

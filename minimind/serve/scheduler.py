@@ -95,6 +95,7 @@ class Scheduler:
         self.model, self.tokenizer = model, tokenizer
         self.compile = getattr(model, "compile_decode", False) if compile is None else compile
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_slots = 1 << (max_batch - 1).bit_length()  # the compiled step's batch slots: a power of two
         self.device = model.model.embed_tokens.weight.device
         self.stops = stop_token_ids(model, tokenizer)
         self.waiting: collections.deque[Job] = collections.deque()
@@ -199,7 +200,7 @@ class Scheduler:
         model's) before any request: a shape first met while serving stalled every running stream for the
         seconds its compile took. Longer caches (long prompts) still compile when first met."""
         length = cache_length(1, self.model.config.max_position_embeddings, True)
-        for slots in (1 << i for i in range((self.max_batch - 1).bit_length() + 1)):
+        for slots in (1 << i for i in range(self.max_slots.bit_length())):
             tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
             fixed_step(self.model, self.model.new_cache(slots, length), tokens, True)
 
@@ -297,7 +298,7 @@ class Scheduler:
         if not self.compile:
             return self.model(tokens[:, None], cache=self.cache, logits_to_keep=1).logits[:, -1]
         n, limit = len(tokens), self.model.config.max_position_embeddings
-        slots = min(1 << (n - 1).bit_length(), 1 << (self.max_batch - 1).bit_length())
+        slots = min(1 << (n - 1).bit_length(), self.max_slots)
         self.cache.pad_to(slots, cache_length(self.cache.max_len, limit, True))
         tokens = torch.cat([tokens, tokens.new_zeros(slots - n)])
         return fixed_step(self.model, self.cache, tokens, True)[:n]
